@@ -1,0 +1,395 @@
+"""Typed definitions → SQL text. Pure: no database connection.
+
+Each atomic condition becomes a LATERAL subquery yielding ``ok`` (never NULL) and ``nx``, the
+earliest later instant at which its value could change with no new input (NULL: never). The
+segment's ``next_at`` is the least of them and of the profile's earliest future event, which is
+conservative: a re-evaluation that changes nothing only costs time.
+
+Every value from a definition reaches SQL through ``psycopg.sql.Literal``; the only
+identifiers are validated names (``NAME_RE``) and ids, quoted with ``sql.Identifier``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+from psycopg import sql
+
+from compiler.model import (
+    AllCond,
+    AnyCond,
+    Comparison,
+    Condition,
+    ContextEvents,
+    ContextLast,
+    ContextScore,
+    ContextTrait,
+    ContextValue,
+    Duration,
+    EventFilter,
+    EventsCond,
+    Field,
+    InSegmentCond,
+    LastAgeCond,
+    LastFieldCond,
+    NotCond,
+    Score,
+    ScoreCond,
+    Segment,
+    TraitCond,
+    Window,
+)
+
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("compiler", "../sql/templates"),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+
+EVENTS = "segflow.events_stored"
+
+
+def lit(value: Any) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+def ident(name: str) -> str:
+    return sql.Identifier(name).as_string(None)
+
+
+def interval(duration: Duration) -> str:
+    # Pure microseconds: no day part, so time-zone rules never stretch a window.
+    return f"'{duration.microseconds} microseconds'::interval"
+
+
+def after(candidate: str) -> str:
+    """A change instant only counts when it lies after the evaluation instant."""
+    return f"(CASE WHEN ({candidate}) > i.at THEN ({candidate}) END)"
+
+
+# -- values and comparisons -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Value:
+    """A SQL expression and how it is typed: jsonb, numeric, text or interval."""
+
+    expr: str
+    kind: str
+
+
+def field_value(f: Field, alias: str) -> Value:
+    if f.column in ("amount", "amount_usd"):
+        return Value(f"{alias}.{f.column}", "numeric")
+    if f.column is not None:
+        return Value(f"{alias}.{f.column}", "text")
+    return Value(f"({alias}.properties #> {lit(list(f.path))}::text[])", "jsonb")
+
+
+def _operand_kind(operand: Any) -> str:
+    if isinstance(operand, Duration):
+        return "interval"
+    if isinstance(operand, bool):
+        return "boolean"
+    if isinstance(operand, int | float):
+        return "number"
+    return "string"
+
+
+def _operand_sql(operand: Any) -> str:
+    if isinstance(operand, Duration):
+        return interval(operand)
+    return lit(operand)
+
+
+def _typed(value: Value, operand_kind: str) -> str | None:
+    """``value`` as a SQL expression of the operand's type, or None on a type mismatch."""
+    if value.kind == "jsonb":
+        if operand_kind == "number":
+            return (f"(CASE WHEN jsonb_typeof({value.expr}) = 'number' "
+                    f"THEN ({value.expr})::numeric END)")
+        if operand_kind == "string":
+            return (f"(CASE WHEN jsonb_typeof({value.expr}) = 'string' "
+                    f"THEN ({value.expr} #>> '{{}}') END)")
+        if operand_kind == "boolean":
+            return (f"(CASE WHEN jsonb_typeof({value.expr}) = 'boolean' "
+                    f"THEN ({value.expr})::boolean END)")
+        return None
+    matches = {"numeric": "number", "text": "string", "interval": "interval"}
+    return value.expr if matches.get(value.kind) == operand_kind else None
+
+
+_SQL_OPS = {"eq": "=", "ne": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+
+
+def comparison(value: Value, cmp: Comparison) -> str:
+    """A never-NULL predicate: missing, null and mistyped values make every operator false
+    except ``exists: false``."""
+    parts: list[str] = []
+    present = (f"({value.expr} IS NOT NULL AND jsonb_typeof({value.expr}) <> 'null')"
+               if value.kind == "jsonb" else f"({value.expr} IS NOT NULL)")
+    for op, operand in cmp:
+        if op == "exists":
+            parts.append(present if operand else f"(NOT {present})")
+            continue
+        items = list(operand) if isinstance(operand, tuple) else [operand]
+        typed = _typed(value, _operand_kind(items[0]))
+        if typed is None:
+            parts.append("false")
+        elif op in _SQL_OPS:
+            parts.append(f"coalesce({typed} {_SQL_OPS[op]} {_operand_sql(operand)}, false)")
+        else:
+            listed = ", ".join(_operand_sql(item) for item in items)
+            negate = "NOT " if op == "not_in" else ""
+            parts.append(f"coalesce({typed} {negate}IN ({listed}), false)")
+    return "(" + " AND ".join(parts) + ")" if parts else "true"
+
+
+# -- events ----------------------------------------------------------------------------
+
+
+def filter_sql(flt: EventFilter, alias: str) -> str:
+    types = ", ".join(lit(t) for t in flt.event_types)
+    parts = [f"{alias}.event_type IN ({types})"]
+    parts += [comparison(field_value(f, alias), cmp) for f, cmp in flt.where]
+    return " AND ".join(parts)
+
+
+def latest_sql(flt: EventFilter, alias: str = "l") -> str:
+    """The latest matching event at or before i.at (ties: ingested last)."""
+    return (f"SELECT {alias}.* FROM {EVENTS} {alias} "
+            f"WHERE {alias}.profile_id = i.profile_id AND {alias}.occurred_at <= i.at "
+            f"AND {filter_sql(flt, alias)} "
+            f"ORDER BY {alias}.occurred_at DESC, {alias}.event_id DESC LIMIT 1")
+
+
+def window_sql(window: Window, alias: str) -> str:
+    parts = [f"{alias}.profile_id = i.profile_id", f"{alias}.occurred_at <= i.at"]
+    if window.within is not None:
+        parts.append(f"{alias}.occurred_at > i.at - {interval(window.within)}")
+    if window.session:
+        parts.append(f"{alias}.occurred_at >= sess.start_at")
+    if window.since_last is not None:
+        parts.append(
+            f"{alias}.occurred_at > (SELECT max(s2.occurred_at) FROM {EVENTS} s2 "
+            f"WHERE s2.profile_id = i.profile_id AND s2.occurred_at <= i.at "
+            f"AND {filter_sql(window.since_last, 's2')})")
+    return " AND ".join(parts)
+
+
+def numeric_of(value: Value) -> str:
+    if value.kind == "numeric":
+        return value.expr
+    if value.kind == "jsonb":
+        return f"(CASE WHEN jsonb_typeof({value.expr}) = 'number' THEN ({value.expr})::numeric END)"
+    return "NULL::numeric"
+
+
+def aggregate_expr(func: str, f: Field | None, alias: str) -> str:
+    if func == "count":
+        return "count(*)"
+    assert f is not None
+    value = field_value(f, alias)
+    if func == "distinct":
+        if value.kind == "jsonb":
+            return (f"count(DISTINCT CASE WHEN jsonb_typeof({value.expr}) <> 'null' "
+                    f"THEN {value.expr} END)")
+        return f"count(DISTINCT {value.expr})"
+    if func == "sum":
+        return f"coalesce(sum({numeric_of(value)}), 0)"
+    return f"{func}({numeric_of(value)})"
+
+
+# -- the segment -----------------------------------------------------------------------
+
+
+@dataclass
+class _Builder:
+    segment: Segment
+    segment_ids: Mapping[str, int]
+    scores: Mapping[str, Score]
+    laterals: list[str] = field(default_factory=list)
+    nexts: list[str] = field(default_factory=list)
+    uses_sessions: bool = False
+
+    def add(self, body: str) -> str:
+        alias = f"c{len(self.laterals) + 1}"
+        self.laterals.append(f"LEFT JOIN LATERAL ({body}) {alias} ON true")
+        return alias
+
+    def score_sum(self, name: str) -> str:
+        score = self.scores[name]
+        weights = ", ".join(f"({lit(t)}, {lit(float(w))}::float8)" for t, w in score.weights)
+        half_life = lit(score.half_life.microseconds / 1_000_000)
+        return (f"SELECT coalesce(sum(w.weight * power(2::float8, "
+                f"-extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)), "
+                f"0)::float8 AS v FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
+                f"ON w.event_type = e.event_type "
+                f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at")
+
+    def condition(self, cond: Condition) -> str:
+        if isinstance(cond, AllCond):
+            return "(" + " AND ".join(self.condition(c) for c in cond.items) + ")" \
+                if cond.items else "true"
+        if isinstance(cond, AnyCond):
+            return "(" + " OR ".join(self.condition(c) for c in cond.items) + ")" \
+                if cond.items else "false"
+        if isinstance(cond, NotCond):
+            return f"(NOT {self.condition(cond.item)})"
+        if isinstance(cond, TraitCond):
+            value = Value(f"(pr.traits #> {lit(list(cond.path))}::text[])", "jsonb")
+            return comparison(value, cond.comparison)
+        if isinstance(cond, InSegmentCond):
+            return (f"segflow.was_member({lit(self.segment_ids[cond.name])}, "
+                    f"i.profile_id, i.at)")
+        if isinstance(cond, EventsCond):
+            return self.events(cond)
+        if isinstance(cond, LastFieldCond):
+            ok = comparison(field_value(cond.field, "l"), cond.comparison)
+            nx = "NULL::timestamptz"
+            if cond.max_age is not None:
+                ok = f"({ok} AND i.at - l.occurred_at < {interval(cond.max_age)})"
+                nx = f"l.occurred_at + {interval(cond.max_age)}"
+            alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
+            self.nexts.append(after(f"{alias}.nx"))
+            return f"coalesce({alias}.ok, false)"
+        if isinstance(cond, LastAgeCond):
+            ok = comparison(Value("(i.at - l.occurred_at)", "interval"), cond.comparison)
+            edges: list[Duration] = []
+            for _, operand in cond.comparison:
+                items = operand if isinstance(operand, tuple) else (operand,)
+                edges += [d for d in items if isinstance(d, Duration)]
+            candidates = []
+            for d in edges:
+                candidates.append(after(f"l.occurred_at + {interval(d)}"))
+                candidates.append(after(f"l.occurred_at + {interval(d)} + '1 microsecond'"))
+            nx = f"least({', '.join(candidates)})" if candidates else "NULL::timestamptz"
+            alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
+            self.nexts.append(f"{alias}.nx")
+            return f"coalesce({alias}.ok, false)"
+        if isinstance(cond, ScoreCond):
+            half_life = self.scores[cond.name].half_life.microseconds / 1_000_000
+            crossing = self.score_crossing(cond.comparison, f"{lit(half_life)}::float8")
+            alias = self.add(f"SELECT s.v, {crossing} AS nx FROM ({self.score_sum(cond.name)}) s")
+            self.nexts.append(f"{alias}.nx")
+            return comparison(Value(f"{alias}.v", "numeric"), cond.comparison)
+        raise TypeError(f"unknown condition {cond!r}")
+
+    def score_crossing(self, cmp: Comparison, half_life: str) -> str:
+        """When the decaying score next crosses a threshold: S(t) = S·2^(−(t−T)/h)."""
+        thresholds: set[float] = set()
+        for op, operand in cmp:
+            if op == "exists":
+                continue
+            items = operand if isinstance(operand, tuple) else (operand,)
+            thresholds.update(float(x) for x in items
+                              if isinstance(x, int | float) and not isinstance(x, bool) and x)
+        if not thresholds:
+            return "NULL::timestamptz"
+        return "least(" + ", ".join(
+            f"(CASE WHEN s.v / {lit(t)}::float8 > 1 THEN greatest("
+            f"i.at + make_interval(secs => {half_life} * ln(s.v / {lit(t)}::float8)"
+            f" / ln(2::float8)), i.at + '1 microsecond'::interval) END)"
+            for t in sorted(thresholds)) + ")"
+
+    def events(self, cond: EventsCond) -> str:
+        window = cond.window
+        if window.session:
+            self.uses_sessions = True
+        agg = cond.aggregate
+        value = Value("a.v", "numeric")
+        ok = comparison(value, agg.comparison)
+        body = (f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v, "
+                f"min(e.occurred_at) AS oldest FROM {EVENTS} e "
+                f"WHERE {window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}")
+        alias = self.add(f"SELECT {ok} AS ok, a.oldest FROM ({body}) a")
+        if window.within is not None:
+            self.nexts.append(after(f"{alias}.oldest + {interval(window.within)}"))
+        return f"coalesce({alias}.ok, false)"
+
+    def context_value(self, value: ContextValue) -> str:
+        if isinstance(value, ContextTrait):
+            return f"(pr.traits #> {lit(list(value.path))}::text[])"
+        if isinstance(value, ContextLast):
+            v = field_value(value.field, "l")
+            expr = v.expr if v.kind == "jsonb" else f"to_jsonb({v.expr})"
+            return f"(SELECT {expr} FROM ({latest_sql(value.filter)}) l)"
+        if isinstance(value, ContextEvents):
+            if value.window.session:
+                self.uses_sessions = True
+            return (f"(SELECT to_jsonb({aggregate_expr(value.func, value.field, 'e')}) "
+                    f"FROM {EVENTS} e WHERE {window_sql(value.window, 'e')} "
+                    f"AND {filter_sql(value.filter, 'e')})")
+        if isinstance(value, ContextScore):
+            return (f"(SELECT to_jsonb(round(s.v::numeric, 6)) "
+                    f"FROM ({self.score_sum(value.name)}) s)")
+        raise TypeError(f"unknown context value {value!r}")
+
+
+@dataclass(frozen=True)
+class CompiledSegment:
+    name: str
+    segment_id: int
+    view: str
+    eval_function: str
+    create_sql: str
+    view_sql: str
+
+
+def drop_sql(name: str, segment_id: int) -> str:
+    """Removes what compile_segment installed."""
+    return (f"DROP VIEW IF EXISTS segments.{ident(name)}; "
+            f"DROP FUNCTION IF EXISTS segflow_compiled.{ident(f's{segment_id}_eval')}"
+            f"(bigint[], timestamptz[])")
+
+
+def compile_segment(
+    segment: Segment,
+    segment_ids: Mapping[str, int],
+    scores: Mapping[str, Score],
+    definition_text: str,
+) -> CompiledSegment:
+    """SQL that installs (create_sql, view_sql) or removes (drop_sql) one segment."""
+    segment_id = segment_ids[segment.name]
+    builder = _Builder(segment, segment_ids, scores)
+    member = builder.condition(segment.rule)
+    if segment.goal is not None and segment.disqualify is not None:
+        member = (
+            f"({member} AND NOT EXISTS (SELECT 1 FROM {EVENTS} dq "
+            f"WHERE dq.profile_id = i.profile_id AND dq.occurred_at <= i.at "
+            f"AND {filter_sql(segment.disqualify, 'dq')} "
+            f"AND dq.occurred_at > (SELECT max(g.occurred_at) FROM {EVENTS} g "
+            f"WHERE g.profile_id = i.profile_id AND g.occurred_at <= i.at "
+            f"AND {filter_sql(segment.goal, 'g')})))")
+    context_pairs = [(key, builder.context_value(value)) for key, value in segment.context]
+    laterals = list(builder.laterals)
+    if builder.uses_sessions:
+        laterals.insert(0, "LEFT JOIN LATERAL segflow.session_at(i.profile_id, i.at) sess ON true")
+        builder.nexts.append("sess.ends_at")
+    nexts = builder.nexts + [
+        f"(SELECT min(f.occurred_at) FROM {EVENTS} f "
+        f"WHERE f.profile_id = i.profile_id AND f.occurred_at > i.at)"
+    ]
+    function = f"s{segment_id}_eval"
+    template = TEMPLATES.get_template("segment_eval.sql.j2")
+    create_sql = template.render(
+        function=ident(function),
+        segment_name=segment.name,
+        member=member,
+        next_at="least(" + ", ".join(nexts) + ")",
+        context=("jsonb_build_object(" + ", ".join(f"{lit(k)}, {v}" for k, v in context_pairs)
+                 + ")") if context_pairs else "'{}'::jsonb",
+        laterals=laterals,
+    )
+    view_sql = TEMPLATES.get_template("segment_view.sql.j2").render(
+        view=ident(segment.name),
+        segment_id=segment_id,
+        columns=[(lit(k), ident(k)) for k, _ in segment.context],
+        comment=lit(definition_text),
+    )
+    return CompiledSegment(segment.name, segment_id, f"segments.{ident(segment.name)}", function,
+                           create_sql, view_sql)

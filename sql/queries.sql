@@ -1,0 +1,62 @@
+-- Named queries used from Python, loaded by segflow.db.query(name).
+
+-- name: now --
+SELECT segflow.now() AS now
+
+-- name: installed_segments --
+SELECT segment_id, name, version, mode, definition_hash, active
+FROM segflow.segment_defs ORDER BY segment_id
+
+-- name: installed_scores --
+SELECT name, definition_hash FROM segflow.score_defs
+
+-- name: upsert_score --
+INSERT INTO segflow.score_defs (name, half_life, weights, definition, definition_hash, updated_at)
+VALUES (%(name)s, make_interval(secs => %(half_life_s)s), %(weights)s, %(definition)s, %(hash)s,
+        segflow.now())
+ON CONFLICT (name) DO UPDATE SET half_life = excluded.half_life, weights = excluded.weights,
+    definition = excluded.definition, definition_hash = excluded.definition_hash,
+    updated_at = excluded.updated_at
+
+-- name: reserve_segment --
+INSERT INTO segflow.segment_defs (name, mode, refresh, definition, definition_hash, active)
+VALUES (%(name)s, %(mode)s, make_interval(secs => %(refresh_s)s), %(definition)s, '', false)
+ON CONFLICT (name) DO UPDATE SET name = excluded.name
+RETURNING segment_id
+
+-- name: store_segment --
+UPDATE segflow.segment_defs
+SET version = CASE WHEN %(bump)s THEN version + 1 ELSE version END,
+    mode = %(mode)s, refresh = make_interval(secs => %(refresh_s)s),
+    description = %(description)s, definition = %(definition)s,
+    definition_hash = %(hash)s, trigger_types = %(trigger_types)s,
+    trait_sensitive = %(trait_sensitive)s, depends_on = %(depends_on)s,
+    topo_order = %(topo_order)s, active = true,
+    last_refresh_at = CASE WHEN %(mode)s = 'scheduled' THEN segflow.now() END,
+    updated_at = segflow.now()
+WHERE segment_id = %(segment_id)s
+
+-- name: store_segment_order --
+UPDATE segflow.segment_defs
+SET trigger_types = %(trigger_types)s, trait_sensitive = %(trait_sensitive)s,
+    depends_on = %(depends_on)s, topo_order = %(topo_order)s
+WHERE segment_id = %(segment_id)s
+
+-- name: deactivate_segment --
+UPDATE segflow.segment_defs SET active = false, updated_at = segflow.now()
+WHERE segment_id = %(segment_id)s
+
+-- name: live_profile_count --
+SELECT count(*) AS n FROM segflow.profiles WHERE merged_into IS NULL
+
+-- name: evaluate_batch --
+SELECT segflow.evaluate_batch(%(segment_id)s, %(after)s, %(limit)s, %(at)s, %(reason)s) AS last
+
+-- name: exit_all --
+SELECT segflow.exit_all(%(segment_id)s, %(at)s, %(reason)s) AS n
+
+-- name: tick --
+SELECT segflow.tick(%(at)s) AS n
+
+-- name: tick_now --
+SELECT segflow.tick() AS n
