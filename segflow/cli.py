@@ -1,0 +1,181 @@
+"""`segflow`: the single command line entry point (CONTRACT §8)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Annotated
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from compiler.errors import DefinitionError
+from segflow.db import connect, fetch_one
+
+app = typer.Typer(help="Real-time user segmentation for trading CRMs, inside PostgreSQL.",
+                  no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database lifecycle.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "segments"
+
+
+def _url() -> str:
+    from segflow.cluster import database_url
+
+    return database_url()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations (running it twice is a no-op)."""
+    from segflow.migrate import upgrade
+
+    upgrade(_url())
+    console.print("database is up to date")
+
+
+@app.command("apply")
+def apply_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="definition files or directories")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and show the plan")] = False,
+) -> None:
+    """Validate, compile and install segment, score and destination definitions."""
+    from segflow.install import apply
+
+    try:
+        with connect(_url()) as conn, Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            console=console, transient=True,
+        ) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = bar.add_task(f"evaluating {name}", total=total)
+                bar.update(tasks[name], completed=done)
+
+            plan = apply(conn, paths, dry_run=dry_run, progress=progress)
+    except DefinitionError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    for line in plan.lines():
+        console.print(line, highlight=False)
+    verb = "would write" if dry_run else "wrote"
+    console.print(f"{verb} {plan.transitions} transitions" + (" (dry run)" if dry_run else ""))
+
+
+@app.command("preview")
+def preview_cmd(
+    path: Path,
+    sample: Annotated[int, typer.Option(help="members to show")] = 10,
+) -> None:
+    """Evaluate a definition on existing data without installing it."""
+    from segflow.install import preview
+
+    try:
+        with connect(_url()) as conn:
+            result = preview(conn, path, sample=sample)
+    except DefinitionError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"{result.name}: {result.size} of {result.profiles} profiles would be members")
+    table = Table("profile_id", "context")
+    for row in result.sample:
+        table.add_row(str(row["profile_id"]), str(row["context"]))
+    console.print(table)
+
+
+@app.command("tick")
+def tick_cmd() -> None:
+    """Run segflow.tick() once."""
+    with connect(_url(), autocommit=True) as conn:
+        console.print(f"{fetch_one(conn, 'tick_now')['n']} transitions")
+
+
+def tick_loop(url: str, stop: threading.Event, interval: float = 1.0) -> None:
+    """segflow.tick() every `interval` seconds, reconnecting after errors, until `stop`."""
+    while not stop.is_set():
+        try:
+            with connect(url, autocommit=True) as conn:
+                while not stop.is_set():
+                    fetch_one(conn, "tick_now")
+                    stop.wait(interval)
+        except psycopg.Error as error:
+            console.print(f"tick: {error}; retrying", highlight=False)
+            stop.wait(interval)
+
+
+@app.command("api")
+def api_cmd(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    from api.server import serve
+
+    serve(host, port, _url())
+
+
+@app.command("worker")
+def worker_cmd(
+    tick_interval: Annotated[float, typer.Option(help="seconds between ticks")] = 1.0,
+) -> None:
+    """Run the time-driven engine: segflow.tick() every second."""
+    stop = threading.Event()
+    try:
+        tick_loop(_url(), stop, tick_interval)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+@app.command("demo")
+def demo_cmd(
+    rate: Annotated[float, typer.Option(help="events per second")] = 20.0,
+    duration: Annotated[float | None, typer.Option(help="seconds; default until Ctrl-C")] = None,
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """The main job: database, migrations, example segments, a live trader feed, tick, API."""
+    from segflow.demo import ThreadComponent, run_demo
+    from segflow.install import apply
+    from segflow.migrate import upgrade
+
+    url = _url()
+    console.print(f"database: {url}")
+    upgrade(url)
+    with connect(url) as conn:
+        plan = apply(conn, [EXAMPLES])
+    console.print(f"segments: {', '.join(plan.new + plan.changed + plan.unchanged)}")
+    components = [ThreadComponent("tick", lambda stop: tick_loop(url, stop))]
+
+    def serve_api(stop: threading.Event) -> None:
+        import uvicorn
+
+        from api.app import create_app
+
+        server = uvicorn.Server(uvicorn.Config(create_app(url), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)),
+                         daemon=True).start()
+        server.run()
+
+    components.append(ThreadComponent("api", serve_api))
+    console.print(f"API: http://127.0.0.1:{port}/docs  —  try in psql: "
+                  "SELECT * FROM segments.margin_call_risk;")
+    run_demo(url, rate=rate, duration=duration, seed=seed, components=components,
+             console=console)
+    time.sleep(0.1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
