@@ -1,0 +1,7 @@
+"""`python3 -m segflow` is the `segflow` command."""
+
+from __future__ import annotations
+
+from segflow.cli import main
+
+main()
