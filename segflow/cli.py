@@ -10,7 +10,7 @@ from typing import Annotated
 import psycopg
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
 from compiler.errors import DefinitionError
@@ -53,7 +53,7 @@ def apply_cmd(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             console=console, transient=True,
         ) as bar:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def progress(name: str, done: int, total: int) -> None:
                 if name not in tasks:
@@ -161,8 +161,11 @@ def demo_cmd(
 
         server = uvicorn.Server(uvicorn.Config(create_app(url), host="127.0.0.1", port=port,
                                                log_level="warning"))
-        threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)),
-                         daemon=True).start()
+        def stop_server() -> None:
+            stop.wait()
+            server.should_exit = True
+
+        threading.Thread(target=stop_server, daemon=True).start()
         server.run()
 
     components.append(ThreadComponent("api", serve_api))

@@ -35,7 +35,7 @@ def connect(url: str | None = None, *, autocommit: bool = False) -> psycopg.Conn
         from segflow.cluster import database_url
 
         url = database_url()
-    return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row)  # type: ignore[arg-type]
+    return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row)
 
 
 def fetch_one(conn: psycopg.Connection[Any], query_name: str, /, **params: Any) -> dict[str, Any]:

@@ -1,0 +1,257 @@
+"""The simulated trader feed: coverage, realism, determinism, and writing into the database."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+
+from segflow.feed import FX_USD_PER_UNIT, TraderFeed, copy_rows, insert_rows, load_fx_rates
+
+CATEGORIES = {
+    "behavioural": {"login", "page_view", "asset_view", "app_interaction"},
+    "transactional": {
+        "deposit_attempt",
+        "deposit",
+        "trade",
+        "withdrawal",
+        "limit_alert",
+        "margin_update",
+        "positions_closed",
+    },
+    "support": {"ticket_opened", "chat", "call"},
+    "identity": {"identify"},
+    "consent": {"consent_updated"},
+    "marketing": {"email_open", "email_click", "ad_impression", "webinar_attended"},
+}
+
+
+@pytest.fixture(scope="module")
+def events() -> list[dict[str, Any]]:
+    # 1 event/s over ~5.5 h of simulated time, so traders have several sessions.
+    return list(TraderFeed(seed=7, profiles=300, rate=1.0).events(20_000))
+
+
+def _usd(event: dict[str, Any]) -> Decimal:
+    rate = FX_USD_PER_UNIT.get(event["currency"], Decimal(1))
+    return Decimal(event["amount"]) * rate
+
+
+def test_every_source_category_and_type(events: list[dict[str, Any]]) -> None:
+    types = {e["event_type"] for e in events}
+    for category, expected in CATEGORIES.items():
+        assert expected <= types, f"{category}: missing {expected - types}"
+
+
+def test_event_shape(events: list[dict[str, Any]]) -> None:
+    keys = {"event_type", "occurred_at", "identifiers", "amount", "currency", "properties"}
+    for e in events:
+        assert keys | {"source", "event_key"} == set(e)
+        assert e["occurred_at"].tzinfo is not None
+        assert e["identifiers"] and all(isinstance(v, str) for v in e["identifiers"].values())
+        assert isinstance(e["properties"], dict)
+        assert (e["amount"] is None) == (e["currency"] is None)
+        assert e["amount"] is None or isinstance(e["amount"], Decimal)
+    assert len({e["event_key"] for e in events}) == len(events)
+
+
+def test_time_ordered_at_the_configured_rate(events: list[dict[str, Any]]) -> None:
+    times = [e["occurred_at"] for e in events]
+    assert times == sorted(times)
+    span = (times[-1] - times[0]).total_seconds()
+    assert 0.9 * len(events) < span < 1.1 * len(events)  # rate 1/s
+
+
+def test_properties_are_realistic(events: list[dict[str, Any]]) -> None:
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_type.setdefault(e["event_type"], []).append(e)
+    pages = {e["properties"]["page"] for e in by_type["page_view"]}
+    assert pages == {"home", "deposit", "markets", "asset"}
+    assets = {e["properties"]["asset"] for e in by_type["asset_view"]}
+    assert {"EURUSD", "BTCUSD", "XAUUSD", "TSLA"} <= assets
+    statuses = Counter(e["properties"]["status"] for e in by_type["deposit_attempt"])
+    assert statuses["success"] > statuses["failed"] > 0
+    for trade in by_type["trade"]:
+        p = trade["properties"]
+        assert p["side"] in ("buy", "sell") and p["volume"] > 0 and p["amount"] > 0
+    utilization = [e["properties"]["utilization"] for e in by_type["margin_update"]]
+    assert all(0 <= u <= 1.2 for u in utilization)
+    assert any(u > 0.95 for u in utilization), "some traders must be under margin stress"
+    assert all("exposure_usd" in e["properties"] for e in by_type["margin_update"])
+    tiers = {e["properties"].get("tier") for e in by_type["identify"]}
+    assert {"bronze", "silver", "gold", "platinum"} <= tiers
+    consent = by_type["consent_updated"][0]["properties"]
+    assert set(consent) == {"email", "sms", "push", "ads"}
+    assert all(isinstance(v, bool) for v in consent.values())
+
+
+def test_currencies_and_amounts(events: list[dict[str, Any]]) -> None:
+    money = [e for e in events if e["amount"] is not None]
+    assert {"USD", "EUR", "GBP", "JPY", "AUD"} <= {e["currency"] for e in money}
+    for e in money:
+        assert e["currency"] == "USD" or e["currency"] in FX_USD_PER_UNIT
+        if e["currency"] == "JPY":
+            assert e["amount"] == e["amount"].to_integral_value()
+    deposits = [e for e in money if e["event_type"] == "deposit"]
+    usd = [_usd(e) for e in deposits]
+    assert min(usd) >= 50 and max(usd) <= 200_000
+    jpy = [e["amount"] for e in deposits if e["currency"] == "JPY"]
+    assert jpy and min(jpy) >= 10_000  # yen amounts are in yen, not dollars
+    large_first = [
+        e
+        for e, amount in zip(deposits, usd, strict=True)
+        if e["properties"]["first_deposit"] and amount >= 20_000
+    ]
+    assert large_first, "a few traders start with a large first deposit"
+
+
+def test_anonymous_sessions_log_in_and_merge(events: list[dict[str, Any]]) -> None:
+    crm_seen: set[str] = set()
+    anon_without_crm: set[str] = set()
+    merges = 0
+    for e in events:
+        ids = e["identifiers"]
+        anon = ids.get("anonymous_id")
+        crm = ids.get("crm_id")
+        if anon and crm and anon in anon_without_crm and crm in crm_seen:
+            merges += 1  # a known trader's anonymous profile gets absorbed
+        if anon and not crm:
+            anon_without_crm.add(anon)
+        if crm:
+            crm_seen.add(crm)
+    assert merges >= 10
+
+
+def test_sessions_have_realistic_gaps(events: list[dict[str, Any]]) -> None:
+    last: dict[str, datetime] = {}
+    gaps: list[float] = []
+    for e in events:
+        crm = e["identifiers"].get("crm_id")
+        if crm is None:
+            continue
+        if crm in last:
+            gaps.append((e["occurred_at"] - last[crm]).total_seconds())
+        last[crm] = e["occurred_at"]
+    within = [g for g in gaps if g <= 1800]
+    between = [g for g in gaps if g > 1800]
+    assert len(within) > 5 * len(between) > 0  # mostly in-session, with real breaks
+    assert sorted(within)[len(within) // 2] < 120  # in-session clicks are close together
+
+
+def test_deterministic_per_seed() -> None:
+    def take(seed: int) -> list[dict[str, Any]]:
+        return list(TraderFeed(seed=seed, profiles=50).events(2000))
+
+    assert take(11) == take(11)
+    assert take(11) != take(12)
+    feed = TraderFeed(seed=11, profiles=50)
+    assert list(feed.events(700)) + list(feed.events(1300)) == take(11)
+
+
+def test_large_population_is_cheap() -> None:
+    feed = TraderFeed(seed=1, profiles=1_000_000, rate=500.0)
+    crm_ids = {e["identifiers"].get("crm_id") for e in feed.events(20_000)}
+    assert len(crm_ids) > 2000
+    assert sum(1 for _ in TraderFeed(seed=1, profiles=1000).crm_import()) == 2000
+
+
+def test_fx_rates_precede_the_feed() -> None:
+    feed = TraderFeed(seed=1)
+    rows = list(feed.fx_rates())
+    assert {c for c, _, _ in rows} == set(FX_USD_PER_UNIT) == {"EUR", "GBP", "JPY", "AUD"}
+    assert all(valid_from <= feed.start - timedelta(days=1) for _, valid_from, _ in rows)
+
+
+def _count(conn: psycopg.Connection[Any], query: str, *params: Any) -> int:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_copy_and_insert_store_the_feed(conn: psycopg.Connection[Any]) -> None:
+    start = datetime.now(UTC) - timedelta(hours=3)
+    feed = TraderFeed(seed=3, profiles=150, start=start, rate=0.5)
+    assert load_fx_rates(conn, feed) == 8
+    assert load_fx_rates(conn, feed) == 0  # already there
+    events = list(feed.events(3000))  # about 100 minutes, all in the past
+
+    assert copy_rows(conn, events[:2000], chunk_size=700) == 2000
+    assert insert_rows(conn, events[2000:], chunk_size=400) == 1000
+    assert _count(conn, "SELECT count(*) FROM segflow.events") == 3000
+    # Re-sending the same (source, event_key) pairs stores nothing.
+    copy_rows(conn, events[:500])
+    assert _count(conn, "SELECT count(*) FROM segflow.events") == 3000
+
+    money = [e for e in events if e["amount"] is not None]
+    assert _count(
+        conn, "SELECT count(*) FROM segflow.events WHERE amount IS NOT NULL AND amount_usd > 0"
+    ) == len(money)
+    row = conn.execute(
+        "SELECT amount, currency, amount_usd FROM segflow.events"
+        " WHERE currency = 'EUR' ORDER BY event_id LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    latest = {currency: rate for currency, _, rate in feed.fx_rates()}  # the revision wins
+    assert row[2] == row[0] * latest["EUR"]
+
+    # Anonymous browsing followed by a login of a known trader merged into the trader.
+    merged = 0
+    for e in events:
+        ids = e["identifiers"]
+        if e["event_type"] != "login" or "anonymous_id" not in ids:
+            continue
+        profiles = {
+            r[0]
+            for r in conn.execute(
+                "SELECT profile_id FROM segflow.identities"
+                " WHERE (kind, value) IN (('anonymous_id', %s), ('crm_id', %s))",
+                (ids["anonymous_id"], ids["crm_id"]),
+            )
+        }
+        assert len(profiles) == 1
+        anon_events = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT profile_id FROM segflow.events WHERE identifiers @> %s",
+                (psycopg.types.json.Jsonb({"anonymous_id": ids["anonymous_id"]}),),
+            )
+        }
+        assert anon_events == profiles
+        merged += 1
+    assert merged > 0
+
+    # identify and consent_updated events became traits.
+    synced = next(e for e in events if e["event_type"] == "identify" and e["source"] == "crm")
+    row = conn.execute(
+        "SELECT p.traits FROM segflow.profiles p JOIN segflow.identities i USING (profile_id)"
+        " WHERE i.kind = 'crm_id' AND i.value = %s",
+        (synced["identifiers"]["crm_id"],),
+    ).fetchone()
+    assert row is not None
+    assert row[0]["country"] == synced["properties"]["country"]
+    assert isinstance(row[0]["consent"]["email"], bool)
+    tiers = {
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT traits->>'tier' FROM segflow.profiles WHERE traits ? 'tier'"
+        )
+    }
+    assert len(tiers) >= 3
+
+
+def test_demo_streams_into_the_database(db_url: str, conn: psycopg.Connection[Any]) -> None:
+    from rich.console import Console
+
+    from segflow.demo import run_demo
+
+    summary = run_demo(db_url, rate=40.0, duration=2.0, seed=5, console=Console(quiet=True))
+    assert summary.events > 20
+    assert _count(conn, "SELECT count(*) FROM segflow.events") == summary.events
+    assert summary.profiles > 0 and summary.dead_letters == 0
+    latest = conn.execute("SELECT max(occurred_at) - segflow.now() FROM segflow.events").fetchone()
+    assert latest is not None and latest[0] <= timedelta(0)  # paced by the engine's clock
