@@ -110,14 +110,20 @@ def _typed(value: Value, operand_kind: str) -> str | None:
     """``value`` as a SQL expression of the operand's type, or None on a type mismatch."""
     if value.kind == "jsonb":
         if operand_kind == "number":
-            return (f"(CASE WHEN jsonb_typeof({value.expr}) = 'number' "
-                    f"THEN ({value.expr})::numeric END)")
+            return (
+                f"(CASE WHEN jsonb_typeof({value.expr}) = 'number' "
+                f"THEN ({value.expr})::numeric END)"
+            )
         if operand_kind == "string":
-            return (f"(CASE WHEN jsonb_typeof({value.expr}) = 'string' "
-                    f"THEN ({value.expr} #>> '{{}}') END)")
+            return (
+                f"(CASE WHEN jsonb_typeof({value.expr}) = 'string' "
+                f"THEN ({value.expr} #>> '{{}}') END)"
+            )
         if operand_kind == "boolean":
-            return (f"(CASE WHEN jsonb_typeof({value.expr}) = 'boolean' "
-                    f"THEN ({value.expr})::boolean END)")
+            return (
+                f"(CASE WHEN jsonb_typeof({value.expr}) = 'boolean' "
+                f"THEN ({value.expr})::boolean END)"
+            )
         return None
     matches = {"numeric": "number", "text": "string", "interval": "interval"}
     return value.expr if matches.get(value.kind) == operand_kind else None
@@ -130,8 +136,11 @@ def comparison(value: Value, cmp: Comparison) -> str:
     """A never-NULL predicate: missing, null and mistyped values make every operator false
     except ``exists: false``."""
     parts: list[str] = []
-    present = (f"({value.expr} IS NOT NULL AND jsonb_typeof({value.expr}) <> 'null')"
-               if value.kind == "jsonb" else f"({value.expr} IS NOT NULL)")
+    present = (
+        f"({value.expr} IS NOT NULL AND jsonb_typeof({value.expr}) <> 'null')"
+        if value.kind == "jsonb"
+        else f"({value.expr} IS NOT NULL)"
+    )
     for op, operand in cmp:
         if op == "exists":
             parts.append(present if operand else f"(NOT {present})")
@@ -161,10 +170,12 @@ def filter_sql(flt: EventFilter, alias: str) -> str:
 
 def latest_sql(flt: EventFilter, alias: str = "l") -> str:
     """The latest matching event at or before i.at (ties: ingested last)."""
-    return (f"SELECT {alias}.* FROM {EVENTS} {alias} "
-            f"WHERE {alias}.profile_id = i.profile_id AND {alias}.occurred_at <= i.at "
-            f"AND {filter_sql(flt, alias)} "
-            f"ORDER BY {alias}.occurred_at DESC, {alias}.event_id DESC LIMIT 1")
+    return (
+        f"SELECT {alias}.* FROM {EVENTS} {alias} "
+        f"WHERE {alias}.profile_id = i.profile_id AND {alias}.occurred_at <= i.at "
+        f"AND {filter_sql(flt, alias)} "
+        f"ORDER BY {alias}.occurred_at DESC, {alias}.event_id DESC LIMIT 1"
+    )
 
 
 def window_sql(window: Window, alias: str) -> str:
@@ -177,7 +188,8 @@ def window_sql(window: Window, alias: str) -> str:
         parts.append(
             f"{alias}.occurred_at > (SELECT max(s2.occurred_at) FROM {EVENTS} s2 "
             f"WHERE s2.profile_id = i.profile_id AND s2.occurred_at <= i.at "
-            f"AND {filter_sql(window.since_last, 's2')})")
+            f"AND {filter_sql(window.since_last, 's2')})"
+        )
     return " AND ".join(parts)
 
 
@@ -196,8 +208,10 @@ def aggregate_expr(func: str, f: Field | None, alias: str) -> str:
     value = field_value(f, alias)
     if func == "distinct":
         if value.kind == "jsonb":
-            return (f"count(DISTINCT CASE WHEN jsonb_typeof({value.expr}) <> 'null' "
-                    f"THEN {value.expr} END)")
+            return (
+                f"count(DISTINCT CASE WHEN jsonb_typeof({value.expr}) <> 'null' "
+                f"THEN {value.expr} END)"
+            )
         return f"count(DISTINCT {value.expr})"
     if func == "sum":
         return f"coalesce(sum({numeric_of(value)}), 0)"
@@ -225,27 +239,34 @@ class _Builder:
         score = self.scores[name]
         weights = ", ".join(f"({lit(t)}, {lit(float(w))}::float8)" for t, w in score.weights)
         half_life = lit(score.half_life.microseconds / 1_000_000)
-        return (f"SELECT coalesce(sum(w.weight * power(2::float8, "
-                f"-extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)), "
-                f"0)::float8 AS v FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
-                f"ON w.event_type = e.event_type "
-                f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at")
+        return (
+            f"SELECT coalesce(sum(w.weight * power(2::float8, "
+            f"-extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)), "
+            f"0)::float8 AS v FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
+            f"ON w.event_type = e.event_type "
+            f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at"
+        )
 
     def condition(self, cond: Condition) -> str:
         if isinstance(cond, AllCond):
-            return "(" + " AND ".join(self.condition(c) for c in cond.items) + ")" \
-                if cond.items else "true"
+            return (
+                "(" + " AND ".join(self.condition(c) for c in cond.items) + ")"
+                if cond.items
+                else "true"
+            )
         if isinstance(cond, AnyCond):
-            return "(" + " OR ".join(self.condition(c) for c in cond.items) + ")" \
-                if cond.items else "false"
+            return (
+                "(" + " OR ".join(self.condition(c) for c in cond.items) + ")"
+                if cond.items
+                else "false"
+            )
         if isinstance(cond, NotCond):
             return f"(NOT {self.condition(cond.item)})"
         if isinstance(cond, TraitCond):
             value = Value(f"(pr.traits #> {lit(list(cond.path))}::text[])", "jsonb")
             return comparison(value, cond.comparison)
         if isinstance(cond, InSegmentCond):
-            return (f"segflow.was_member({lit(self.segment_ids[cond.name])}, "
-                    f"i.profile_id, i.at)")
+            return f"segflow.was_member({lit(self.segment_ids[cond.name])}, i.profile_id, i.at)"
         if isinstance(cond, EventsCond):
             return self.events(cond)
         if isinstance(cond, LastFieldCond):
@@ -286,15 +307,23 @@ class _Builder:
             if op == "exists":
                 continue
             items = operand if isinstance(operand, tuple) else (operand,)
-            thresholds.update(float(x) for x in items
-                              if isinstance(x, int | float) and not isinstance(x, bool) and x)
+            thresholds.update(
+                float(x)
+                for x in items
+                if isinstance(x, int | float) and not isinstance(x, bool) and x
+            )
         if not thresholds:
             return "NULL::timestamptz"
-        return "least(" + ", ".join(
-            f"(CASE WHEN s.v / {lit(t)}::float8 > 1 THEN greatest("
-            f"i.at + make_interval(secs => {half_life} * ln(s.v / {lit(t)}::float8)"
-            f" / ln(2::float8)), i.at + '1 microsecond'::interval) END)"
-            for t in sorted(thresholds)) + ")"
+        return (
+            "least("
+            + ", ".join(
+                f"(CASE WHEN s.v / {lit(t)}::float8 > 1 THEN greatest("
+                f"i.at + make_interval(secs => {half_life} * ln(s.v / {lit(t)}::float8)"
+                f" / ln(2::float8)), i.at + '1 microsecond'::interval) END)"
+                for t in sorted(thresholds)
+            )
+            + ")"
+        )
 
     def events(self, cond: EventsCond) -> str:
         window = cond.window
@@ -303,9 +332,11 @@ class _Builder:
         agg = cond.aggregate
         value = Value("a.v", "numeric")
         ok = comparison(value, agg.comparison)
-        body = (f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v, "
-                f"min(e.occurred_at) AS oldest FROM {EVENTS} e "
-                f"WHERE {window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}")
+        body = (
+            f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v, "
+            f"min(e.occurred_at) AS oldest FROM {EVENTS} e "
+            f"WHERE {window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}"
+        )
         alias = self.add(f"SELECT {ok} AS ok, a.oldest FROM ({body}) a")
         if window.within is not None:
             self.nexts.append(after(f"{alias}.oldest + {interval(window.within)}"))
@@ -321,12 +352,15 @@ class _Builder:
         if isinstance(value, ContextEvents):
             if value.window.session:
                 self.uses_sessions = True
-            return (f"(SELECT to_jsonb({aggregate_expr(value.func, value.field, 'e')}) "
-                    f"FROM {EVENTS} e WHERE {window_sql(value.window, 'e')} "
-                    f"AND {filter_sql(value.filter, 'e')})")
+            return (
+                f"(SELECT to_jsonb({aggregate_expr(value.func, value.field, 'e')}) "
+                f"FROM {EVENTS} e WHERE {window_sql(value.window, 'e')} "
+                f"AND {filter_sql(value.filter, 'e')})"
+            )
         if isinstance(value, ContextScore):
-            return (f"(SELECT to_jsonb(round(s.v::numeric, 6)) "
-                    f"FROM ({self.score_sum(value.name)}) s)")
+            return (
+                f"(SELECT to_jsonb(round(s.v::numeric, 6)) FROM ({self.score_sum(value.name)}) s)"
+            )
         raise TypeError(f"unknown context value {value!r}")
 
 
@@ -342,9 +376,11 @@ class CompiledSegment:
 
 def drop_sql(name: str, segment_id: int) -> str:
     """Removes what compile_segment installed."""
-    return (f"DROP VIEW IF EXISTS segments.{ident(name)}; "
-            f"DROP FUNCTION IF EXISTS segflow_compiled.{ident(f's{segment_id}_eval')}"
-            f"(bigint[], timestamptz[])")
+    return (
+        f"DROP VIEW IF EXISTS segments.{ident(name)}; "
+        f"DROP FUNCTION IF EXISTS segflow_compiled.{ident(f's{segment_id}_eval')}"
+        f"(bigint[], timestamptz[])"
+    )
 
 
 def compile_segment(
@@ -364,7 +400,8 @@ def compile_segment(
             f"AND {filter_sql(segment.disqualify, 'dq')} "
             f"AND dq.occurred_at > (SELECT max(g.occurred_at) FROM {EVENTS} g "
             f"WHERE g.profile_id = i.profile_id AND g.occurred_at <= i.at "
-            f"AND {filter_sql(segment.goal, 'g')})))")
+            f"AND {filter_sql(segment.goal, 'g')})))"
+        )
     context_pairs = [(key, builder.context_value(value)) for key, value in segment.context]
     laterals = list(builder.laterals)
     if builder.uses_sessions:
@@ -381,8 +418,11 @@ def compile_segment(
         segment_name=segment.name,
         member=member,
         next_at="least(" + ", ".join(nexts) + ")",
-        context=("jsonb_build_object(" + ", ".join(f"{lit(k)}, {v}" for k, v in context_pairs)
-                 + ")") if context_pairs else "'{}'::jsonb",
+        context=(
+            "jsonb_build_object(" + ", ".join(f"{lit(k)}, {v}" for k, v in context_pairs) + ")"
+        )
+        if context_pairs
+        else "'{}'::jsonb",
         laterals=laterals,
     )
     view_sql = TEMPLATES.get_template("segment_view.sql.j2").render(
@@ -391,5 +431,6 @@ def compile_segment(
         columns=[(lit(k), ident(k)) for k, _ in segment.context],
         comment=lit(definition_text),
     )
-    return CompiledSegment(segment.name, segment_id, f"segments.{ident(segment.name)}", function,
-                           create_sql, view_sql)
+    return CompiledSegment(
+        segment.name, segment_id, f"segments.{ident(segment.name)}", function, create_sql, view_sql
+    )
