@@ -51,6 +51,7 @@ TEMPLATES = jinja2.Environment(
 )
 
 EVENTS = "segflow.events_stored"
+UNDERFLOW_HALVINGS = 1075
 
 
 def lit(value: Any) -> str:
@@ -239,10 +240,13 @@ class _Builder:
         score = self.scores[name]
         weights = ", ".join(f"({lit(t)}, {lit(float(w))}::float8)" for t, w in score.weights)
         half_life = lit(score.half_life.microseconds / 1_000_000)
+        halvings = f"(extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)"
+        # 2^-1075 rounds to 0.0 in float8, where power() would raise an underflow error.
         return (
-            f"SELECT coalesce(sum(w.weight * power(2::float8, "
-            f"-extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)), "
-            f"0)::float8 AS v FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
+            f"SELECT coalesce(sum(w.weight * CASE WHEN {halvings} >= {UNDERFLOW_HALVINGS} "
+            f"THEN 0::float8 ELSE power(2::float8, -{halvings}) END), 0)::float8 AS v, "
+            f"max(e.occurred_at) AS last_at "
+            f"FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
             f"ON w.event_type = e.event_type "
             f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at"
         )
@@ -266,7 +270,15 @@ class _Builder:
             value = Value(f"(pr.traits #> {lit(list(cond.path))}::text[])", "jsonb")
             return comparison(value, cond.comparison)
         if isinstance(cond, InSegmentCond):
-            return f"segflow.was_member({lit(self.segment_ids[cond.name])}, i.profile_id, i.at)"
+            segment_id = lit(self.segment_ids[cond.name])
+            # A tick applies the referenced segment's changes up to its own instant first;
+            # those already recorded after i.at are changes of this one too.
+            self.nexts.append(
+                f"(SELECT min(t.effective_at) FROM segflow.transition_log t "
+                f"WHERE t.segment_id = {segment_id} AND t.profile_id = i.profile_id "
+                f"AND t.effective_at > i.at)"
+            )
+            return f"segflow.was_member({segment_id}, i.profile_id, i.at)"
         if isinstance(cond, EventsCond):
             return self.events(cond)
         if isinstance(cond, LastFieldCond):
@@ -293,15 +305,22 @@ class _Builder:
             self.nexts.append(f"{alias}.nx")
             return f"coalesce({alias}.ok, false)"
         if isinstance(cond, ScoreCond):
-            half_life = self.scores[cond.name].half_life.microseconds / 1_000_000
-            crossing = self.score_crossing(cond.comparison, f"{lit(half_life)}::float8")
-            alias = self.add(f"SELECT s.v, {crossing} AS nx FROM ({self.score_sum(cond.name)}) s")
+            half_life = self.scores[cond.name].half_life
+            crossing = self.score_crossing(
+                cond.comparison, f"{lit(half_life.microseconds / 1_000_000)}::float8"
+            )
+            # The score becomes exactly 0.0 once every term has underflowed.
+            zero = after(f"s.last_at + {UNDERFLOW_HALVINGS} * {interval(half_life)}")
+            alias = self.add(
+                f"SELECT s.v, least({crossing}, {zero}) AS nx FROM ({self.score_sum(cond.name)}) s"
+            )
             self.nexts.append(f"{alias}.nx")
             return comparison(Value(f"{alias}.v", "numeric"), cond.comparison)
         raise TypeError(f"unknown condition {cond!r}")
 
     def score_crossing(self, cmp: Comparison, half_life: str) -> str:
-        """When the decaying score next crosses a threshold: S(t) = S·2^(−(t−T)/h)."""
+        """When the decaying score next crosses a threshold: S(t) = S·2^(−(t−T)/h); a score
+        exactly on a threshold leaves it a microsecond later."""
         thresholds: set[float] = set()
         for op, operand in cmp:
             if op == "exists":
@@ -317,7 +336,7 @@ class _Builder:
         return (
             "least("
             + ", ".join(
-                f"(CASE WHEN s.v / {lit(t)}::float8 > 1 THEN greatest("
+                f"(CASE WHEN s.v / {lit(t)}::float8 >= 1 THEN greatest("
                 f"i.at + make_interval(secs => {half_life} * ln(s.v / {lit(t)}::float8)"
                 f" / ln(2::float8)), i.at + '1 microsecond'::interval) END)"
                 for t in sorted(thresholds)

@@ -14,9 +14,16 @@ How the stream is built:
   open gradually at the start, so the stream does not begin with a burst of first events.
 * A trader gets a new session only after ``session_break`` seconds without events (when
   possible: with few traders and a high rate the break is shortened rather than stalling).
+* A few sessions (``scenario_share``) are scripted after the desk's example segments: a gold
+  or platinum client's margin use jumping past 95% with no recent deposit, deposit-page
+  visits with failing payments, a gold client returning to one asset within a session, a
+  newcomer's large first deposit. They are taken in turn by traders they fit, so each shows
+  up within a minute or two at the demo's rate.
+* :meth:`TraderFeed.history` backdates the existing clients' past (a CRM import, deposits,
+  logins, trades) for a demo that starts from a live-looking book.
 * Trader attributes (name, country, tier, identifiers, margin stress) are derived from the
-  trader's index alone, so they are the same for every seed; behaviour depends on the seed.
-  Per-trader state is two flat arrays, so a million traders cost a few megabytes.
+  trader's number alone, so they are the same for every seed; behaviour depends on the seed.
+  Per-trader state is a few flat arrays, so a million traders cost a few megabytes.
 """
 
 from __future__ import annotations
@@ -172,6 +179,8 @@ _TICKET_CATEGORIES = ("withdrawal", "verification", "platform", "deposit", "trad
 _CAMPAIGNS = ("welcome_series", "weekly_markets", "gold_rally", "crypto_update", "reactivation")
 _WEBINARS = ("Intro to forex", "Risk management 101", "Trading gold", "Crypto volatility")
 _AD_NETWORKS = ("google", "meta", "x", "tiktok")
+# Scripted sessions the example segments are about, taken in turn (see TraderFeed._scenario).
+_SCENARIOS = ("margin_stress", "deposit_abandon", "hot_lead", "large_first_deposit")
 
 _MASK64 = (1 << 64) - 1
 
@@ -226,14 +235,18 @@ class _Trader:
         "consent",
     )
 
-    def __init__(self, index: int, stress_share: float, existing_share: float) -> None:
-        h = _mix(index)
+    def __init__(
+        self, index: int, stress_share: float, existing_share: float, offset: int = 0
+    ) -> None:
+        # `index` addresses the feed's state arrays; identity comes from the global number.
+        number = offset + index
+        h = _mix(number)
         country, currency, phone_prefix, _ = _COUNTRIES[_COUNTRY_TABLE[h % len(_COUNTRY_TABLE)]]
         first = _FIRST[(h >> 8) % len(_FIRST)]
         last = _LAST[(h >> 16) % len(_LAST)]
         self.index = index
-        self.crm_id = f"C-{index + 1:07d}"
-        self.email = f"{first}.{last}.{index + 1}@example.com".lower().replace("ü", "u")
+        self.crm_id = f"C-{number + 1:07d}"
+        self.email = f"{first}.{last}.{number + 1}@example.com".lower().replace("ü", "u")
         self.phone = f"{phone_prefix}{(h >> 24) % 10**8:08d}"
         self.device_id = f"dev-{(h >> 12) & 0xFFFFFFFFFF:010x}"
         self.name = f"{first} {last}"
@@ -266,8 +279,14 @@ class TraderFeed:
         stress_share: share of traders whose margin use runs into the 0.95..1.2 zone.
         existing_share: share of traders already clients of the broker (first seen through a
             CRM sync ``identify``); the others arrive as anonymous visitors and sign up.
+        scenario_share: share of new sessions that play one of the desk's scenarios (margin
+            stress, abandoned deposit, hot lead, large first deposit), so the example segments
+            see members within minutes instead of by chance.
         key_prefix: prefix of ``event_key`` (default ``f"s{seed}"``); keys are unique within
             one feed, so replaying the same feed into a database stores nothing twice.
+        trader_offset: traders are numbered from ``trader_offset`` (``crm_id`` ``C-0000001``
+            is number 0): a feed with another offset brings other people, e.g. a demo run
+            into a database that already holds an earlier run's traders.
     """
 
     def __init__(
@@ -281,12 +300,16 @@ class TraderFeed:
         session_break: float = 2 * 3600.0,
         stress_share: float = 0.03,
         existing_share: float = 0.7,
+        scenario_share: float = 0.04,
         key_prefix: str | None = None,
+        trader_offset: int = 0,
     ) -> None:
         if profiles < 1:
             raise ValueError("profiles must be at least 1")
         if rate <= 0 or session_gap <= 0:
             raise ValueError("rate and session_gap must be positive")
+        if trader_offset < 0:
+            raise ValueError("trader_offset must not be negative")
         start = start or datetime(2026, 11, 2, tzinfo=UTC)
         if start.tzinfo is None:
             raise ValueError("start must be timezone-aware")
@@ -298,12 +321,19 @@ class TraderFeed:
         self.session_break = session_break
         self.stress_share = stress_share
         self.existing_share = existing_share
+        self.scenario_share = scenario_share
         self.key_prefix = key_prefix if key_prefix is not None else f"s{seed}"
-        self._rng = random.Random(seed)
+        self.trader_offset = trader_offset
+        # Another population also gets other anonymous ids and devices (a string seed is
+        # hashed with SHA-512, so it is as deterministic as an integer one).
+        self._rng = random.Random(seed if trader_offset == 0 else f"{seed}/{trader_offset}")
         # 0: never seen, 1: signed up, 2: funded or existing client.
         self._stage = bytearray(profiles)
-        # Seconds (since start) of each trader's latest event, for session breaks.
+        # Seconds (since start) of each trader's latest event, for session breaks, and of
+        # their latest deposit, for scenarios that need "no deposit lately".
         self._last_seen = array("d", [-math.inf]) * profiles
+        self._last_deposit = array("d", [-math.inf]) * profiles
+        self._scenario_turn = 0
         self._regulars = max(1, profiles // 5)
         self._seq = 0
         self._t = 0.0
@@ -364,10 +394,59 @@ class TraderFeed:
             if consent:
                 yield self._event(at, *self._consent(t, "crm", dict(t.consent)))
 
+    def history(self, days: float = 9.0) -> list[dict[str, Any]]:
+        """The existing clients' past, backdated and ordered by ``occurred_at`` (for demos).
+
+        A CRM import ``days`` before ``start`` (``identify`` and ``consent_updated`` of every
+        existing client), then their past sessions: deposits, logins, trades, margin updates.
+        All of it lies at least six hours before ``start``, so the stream begins with funded,
+        tiered clients whose last deposit is older than the margin desk's four hours; about
+        one in seven has not logged in for over a week. Take it before the stream's events;
+        afterwards the stream treats the existing clients as known. It is built in memory
+        (a few dozen events per existing client), so it suits demo-sized populations.
+        """
+        if days < 8:
+            raise ValueError("history needs at least 8 days (some clients are a week quiet)")
+        rnd = self._rng.random
+        imported = -days * 86400.0
+        latest = -6 * 3600.0
+        quiet_since = -7.5 * 86400.0
+        stream_t = self._t
+        timed: list[tuple[float, int, _Spec]] = []
+        for i in range(self.profiles):
+            trader = self._trader(i)
+            if not trader.existing:
+                continue
+            self._stage[i] = 2
+            timed.append((imported, len(timed), self._identify(trader, "crm")))
+            timed.append((imported, len(timed), self._consent(trader, "crm", dict(trader.consent))))
+            end = quiet_since if rnd() < 0.15 else latest
+            span = end - imported - 3600.0
+            sessions = 1 + int(rnd() * (6 if i < self._regulars else 3))
+            starts = sorted(imported + 3600.0 + span * rnd() for _ in range(sessions))
+            for n, t in enumerate(starts):
+                # Every client funded the account first; later visits are mostly trading.
+                if n == 0:
+                    session = self._funding(trader, first=False)
+                else:
+                    session = self._trading(trader) if rnd() < 0.7 else self._funding_again(trader)
+                while True:
+                    self._t = t  # deposits note their time from it
+                    spec = next(session, None)
+                    if spec is None:
+                        break
+                    timed.append((t, len(timed), spec))
+                    self._last_seen[i] = t
+                    t += 5.0 - 40.0 * math.log(1.0 - rnd())
+        self._t = stream_t
+        timed.sort(key=lambda item: item[:2])
+        start = self.start
+        return [self._event(start + timedelta(seconds=t), *spec) for t, _, spec in timed]
+
     # -- scheduling -------------------------------------------------------------------------
 
     def _trader(self, index: int) -> _Trader:
-        return _Trader(index, self.stress_share, self.existing_share)
+        return _Trader(index, self.stress_share, self.existing_share, self.trader_offset)
 
     def _event(
         self,
@@ -455,6 +534,10 @@ class TraderFeed:
         rnd = self._rng.random
         if rnd() < 0.04:
             return self._visitor(), -1
+        if rnd() < self.scenario_share:
+            scripted = self._scenario(t)
+            if scripted is not None:
+                return scripted
         i = self._pick_trader(t)
         self._last_seen[i] = t
         trader = self._trader(i)
@@ -468,6 +551,53 @@ class TraderFeed:
         if stage == 1:
             return (self._funding(trader, first=True) if rnd() < 0.6 else self._trading(trader)), i
         return self._choose(trader)(trader), i
+
+    def _scenario(self, t: float) -> tuple[_Session, int] | None:
+        """The desk's next scenario in turn, played by a trader it fits (None: nobody fits)."""
+        for _ in _SCENARIOS:
+            kind = _SCENARIOS[self._scenario_turn % len(_SCENARIOS)]
+            self._scenario_turn += 1
+            i = self._find_trader(t, kind)
+            if i is None:
+                continue
+            self._last_seen[i] = t
+            trader = self._trader(i)
+            if kind == "large_first_deposit":
+                self._stage[i] = 1
+                return self._large_first_deposit(trader), i
+            session = {
+                "margin_stress": self._margin_stress,
+                "deposit_abandon": self._deposit_abandon,
+                "hot_lead": self._hot_lead,
+            }[kind](trader)
+            if self._stage[i] == 0:  # an existing client seen for the first time
+                self._stage[i] = 2
+                session = self._synced(trader, session)
+            return session, i
+        return None
+
+    def _find_trader(self, t: float, kind: str) -> int | None:
+        rnd = self._rng.random
+        for _ in range(64):
+            i = int(rnd() * self.profiles)
+            if t - self._last_seen[i] < self.session_break:
+                continue
+            trader = self._trader(i)
+            stage = self._stage[i]
+            since_deposit = t - self._last_deposit[i]
+            if kind == "large_first_deposit":
+                fits = stage == 0 and not trader.existing
+            elif kind == "deposit_abandon":
+                fits = (stage > 0 or trader.existing) and since_deposit > 3600.0
+            elif not trader.existing:
+                fits = False  # only the CRM's identify carries the real tier
+            elif kind == "hot_lead":
+                fits = trader.tier == "gold"
+            else:  # margin_stress: the margin desk wants four hours without a deposit
+                fits = trader.tier in ("gold", "platinum") and since_deposit > 5 * 3600.0
+            if fits:
+                return i
+        return None
 
     def _choose(self, trader: _Trader) -> Callable[[_Trader], _Session]:
         r = self._rng.random()
@@ -495,8 +625,10 @@ class TraderFeed:
     def _hex(self, bits: int = 48) -> str:
         return f"{int(self._rng.random() * (1 << bits)):0{bits // 4}x}"
 
-    def _asset_view(self, ids: dict[str, str], platform: str) -> _Spec:
-        symbol, klass, _ = self._pick(_ASSETS)
+    def _asset_view(
+        self, ids: dict[str, str], platform: str, asset: tuple[str, str, float] | None = None
+    ) -> _Spec:
+        symbol, klass, _ = asset or self._pick(_ASSETS)
         props = {"asset": symbol, "asset_class": klass, "platform": platform}
         return _ev("asset_view", ids, "web" if platform == "web" else "app", props)
 
@@ -598,23 +730,40 @@ class TraderFeed:
         amount, currency = self._deposit_amount(trader, first)
         method = self._pick(_DEPOSIT_METHODS)
         for _attempt in range(3):
-            failed = rnd() < 0.25
-            props: dict[str, Any] = {
-                "status": "failed" if failed else "success",
-                "method": method,
-                "first_deposit": first,
-            }
-            if failed:
-                props["failure_reason"] = self._pick(_DEPOSIT_FAILURES)
-            yield _ev("deposit_attempt", ids, "payments", props, amount, currency)
-            if not failed:
-                props = {"method": method, "first_deposit": first}
-                yield _ev("deposit", ids, "payments", props, amount, currency)
-                if first:
-                    self._stage[trader.index] = 2
+            if rnd() >= 0.25:
+                yield from self._deposit(trader, ids, amount, currency, method, first)
                 return
+            yield self._failed_attempt(ids, amount, currency, method, first)
             if rnd() < 0.4:
                 return  # gives up after a failure
+
+    def _failed_attempt(
+        self, ids: dict[str, str], amount: Decimal, currency: str, method: str, first: bool
+    ) -> _Spec:
+        props = {
+            "status": "failed",
+            "method": method,
+            "first_deposit": first,
+            "failure_reason": self._pick(_DEPOSIT_FAILURES),
+        }
+        return _ev("deposit_attempt", ids, "payments", props, amount, currency)
+
+    def _deposit(
+        self,
+        trader: _Trader,
+        ids: dict[str, str],
+        amount: Decimal,
+        currency: str,
+        method: str,
+        first: bool,
+    ) -> _Session:
+        """A successful attempt and its deposit."""
+        props: dict[str, Any] = {"status": "success", "method": method, "first_deposit": first}
+        yield _ev("deposit_attempt", ids, "payments", props, amount, currency)
+        self._stage[trader.index] = 2
+        self._last_deposit[trader.index] = self._t  # the time of the event being produced
+        props = {"method": method, "first_deposit": first}
+        yield _ev("deposit", ids, "payments", props, amount, currency)
 
     def _funding(self, trader: _Trader, first: bool) -> _Session:
         ids = {"crm_id": trader.crm_id, "device_id": trader.device_id}
@@ -626,27 +775,33 @@ class TraderFeed:
 
     def _trades(self, trader: _Trader, ids: dict[str, str], platform: str) -> _Session:
         rnd = self._rng.random
-        currency = trader.currency
         for _ in range(1 + int(rnd() * 4)):
-            symbol, klass, price = self._pick(_ASSETS)
-            usd = math.exp(7.6 + 1.2 * self._rng.gauss(0.0, 1.0))  # median ≈ 2,000 USD
-            notional = _money(usd / _FX_FLOAT[currency], currency)
-            if klass == "fx":
-                volume = round(max(0.01, usd / price / 100_000), 2)  # standard lots
-            else:
-                volume = round(max(0.001, usd / price), 3)
-            props = {
-                "asset": symbol,
-                "asset_class": klass,
-                "side": "buy" if rnd() < 0.55 else "sell",
-                "volume": volume,
-                "amount": float(notional),
-                "price": round(price * (0.98 + 0.04 * rnd()), 5),
-                "leverage": self._pick((1, 2, 5, 10, 20, 30)),
-                "platform": platform,
-            }
-            yield _ev("trade", ids, "trading", props, notional, currency)
+            yield self._trade(trader, ids, platform, self._pick(_ASSETS))
         yield from self._margin(trader, ids)
+
+    def _trade(
+        self, trader: _Trader, ids: dict[str, str], platform: str, asset: tuple[str, str, float]
+    ) -> _Spec:
+        rnd = self._rng.random
+        currency = trader.currency
+        symbol, klass, price = asset
+        usd = math.exp(7.6 + 1.2 * self._rng.gauss(0.0, 1.0))  # median ≈ 2,000 USD
+        notional = _money(usd / _FX_FLOAT[currency], currency)
+        if klass == "fx":
+            volume = round(max(0.01, usd / price / 100_000), 2)  # standard lots
+        else:
+            volume = round(max(0.001, usd / price), 3)
+        props = {
+            "asset": symbol,
+            "asset_class": klass,
+            "side": "buy" if rnd() < 0.55 else "sell",
+            "volume": volume,
+            "amount": float(notional),
+            "price": round(price * (0.98 + 0.04 * rnd()), 5),
+            "leverage": self._pick((1, 2, 5, 10, 20, 30)),
+            "platform": platform,
+        }
+        return _ev("trade", ids, "trading", props, notional, currency)
 
     def _margin(self, trader: _Trader, ids: dict[str, str]) -> _Session:
         rnd = self._rng.random
@@ -669,14 +824,18 @@ class TraderFeed:
         if outcome < 0.35:
             yield from self._deposit_flow(trader, ids, first=False)
         elif outcome < 0.75:
-            props = {
-                "count": 1 + int(rnd() * 5),
-                "reason": "stop_out" if u >= 1.0 else "user",
-                "pnl_usd": round(-equity * (0.1 + 0.5 * rnd()), 2),
-            }
-            yield _ev("positions_closed", ids, "trading", props)
-            yield self._margin_update(ids, 0.1 + 0.3 * rnd(), equity * 0.6)
+            yield from self._close_positions(ids, u, equity)
         # else: stays exposed (the interesting case for margin-call segments)
+
+    def _close_positions(self, ids: dict[str, str], utilization: float, equity: float) -> _Session:
+        rnd = self._rng.random
+        props = {
+            "count": 1 + int(rnd() * 5),
+            "reason": "stop_out" if utilization >= 1.0 else "user",
+            "pnl_usd": round(-equity * (0.1 + 0.5 * rnd()), 2),
+        }
+        yield _ev("positions_closed", ids, "trading", props)
+        yield self._margin_update(ids, 0.1 + 0.3 * rnd(), equity * 0.6)
 
     def _trading(self, trader: _Trader) -> _Session:
         rnd = self._rng.random
@@ -810,6 +969,90 @@ class TraderFeed:
             else:
                 props = {"action": self._pick(_APP_ACTIONS), "platform": platform}
                 yield _ev("app_interaction", ids, "app", props)
+
+    # -- scenarios: what the example segments look for ------------------------------------------
+
+    def _synced(self, trader: _Trader, session: _Session) -> _Session:
+        """The CRM sync of an existing client seen for the first time, then ``session``."""
+        yield self._identify(trader, "crm")
+        yield self._consent(trader, "crm", dict(trader.consent))
+        yield from session
+
+    def _margin_stress(self, trader: _Trader) -> _Session:
+        """Margin use jumps past 95% with no fresh deposit (margin_call_risk); the trader then
+        often closes positions or deposits, and sometimes stays exposed."""
+        rnd = self._rng.random
+        ids = {"crm_id": trader.crm_id, "device_id": trader.device_id}
+        equity = 2_000.0 + 40_000.0 * rnd() ** 2
+        yield self._login(ids, self._pick(_PLATFORMS))
+        yield self._margin_update(ids, 0.86 + 0.08 * rnd(), equity)
+        u = 0.96 + 0.2 * rnd()
+        yield self._margin_update(ids, u, equity)
+        props = {"kind": "margin_call", "utilization": round(u, 4), "threshold": 0.95}
+        yield _ev("limit_alert", ids, "trading", props)
+        outcome = rnd()
+        if outcome < 0.45:
+            yield from self._close_positions(ids, u, equity)
+        elif outcome < 0.65:
+            yield from self._deposit_flow(trader, ids, first=False)
+        else:
+            # Stays exposed while the market moves further against the positions.
+            yield self._margin_update(ids, min(1.2, u + 0.01 + 0.04 * rnd()), equity)
+
+    def _deposit_abandon(self, trader: _Trader) -> _Session:
+        """Back on the deposit page again and again, every attempt fails (deposit_abandoned);
+        some open a ticket, a few get through with another method in the end."""
+        rnd = self._rng.random
+        ids = {"crm_id": trader.crm_id, "device_id": trader.device_id}
+        first = self._stage[trader.index] < 2
+        yield self._login(ids, "web")
+        amount, currency = self._deposit_amount(trader, first)
+        method = self._pick(_DEPOSIT_METHODS)
+        for _ in range(2 + (rnd() < 0.3)):
+            yield self._page_view(ids, "deposit")
+            yield self._failed_attempt(ids, amount, currency, method, first)
+        if rnd() < 0.3:
+            props = {
+                "ticket_id": f"T-{self._hex(32)}",
+                "category": "deposit",
+                "priority": "high",
+                "channel": "web",
+            }
+            yield _ev("ticket_opened", {"crm_id": trader.crm_id}, "support", props)
+        if rnd() < 0.2:
+            method = self._pick(("bank_transfer", "ewallet", "crypto"))
+            yield from self._deposit(trader, ids, amount, currency, method, first)
+
+    def _hot_lead(self, trader: _Trader) -> _Session:
+        """A gold client keeps coming back to one instrument in a session (hot_lead)."""
+        rnd = self._rng.random
+        platform = self._pick(_PLATFORMS)
+        ids = {"crm_id": trader.crm_id, "device_id": trader.device_id}
+        asset = self._pick(_ASSETS)
+        yield self._login(ids, platform)
+        for n in range(3 + int(rnd() * 3)):
+            if n and platform == "web" and rnd() < 0.3:
+                yield self._page_view(ids, "markets")
+            yield self._asset_view(ids, platform, asset)
+        if rnd() < 0.5:
+            yield self._trade(trader, ids, platform, asset)
+
+    def _large_first_deposit(self, trader: _Trader) -> _Session:
+        """A newcomer signs up and funds the account with over 10,000 USD at once
+        (high_value_onboarding), in the account currency or in USD."""
+        rnd = self._rng.random
+        anon = {"anonymous_id": f"anon-{self._hex()}", "device_id": trader.device_id}
+        yield self._page_view(anon, "home")
+        event_type, ids, _, _, props, source = self._identify(trader, "web", anon)
+        yield _ev(event_type, ids, source, {**props, "tier": "bronze", "signup": True})
+        ids = {"crm_id": trader.crm_id, "device_id": trader.device_id}
+        yield self._login(ids, "web")
+        yield self._page_view(ids, "deposit")
+        currency = trader.currency if rnd() < 0.8 else "USD"
+        amount = Decimal(self._pick(_LARGE_DEPOSITS[currency]))
+        method = self._pick(("bank_transfer", "bank_transfer", "card", "crypto"))
+        yield from self._deposit(trader, ids, amount, currency, method, True)
+        yield self._consent(trader, "web", dict(trader.consent))
 
 
 # -- writing events ---------------------------------------------------------------------------

@@ -12,6 +12,10 @@ import pytest
 
 from segflow.feed import FX_USD_PER_UNIT, TraderFeed, copy_rows, insert_rows, load_fx_rates
 
+# The demo's defaults: 500 traders, 20 events/s.
+DEMO_START = datetime(2026, 12, 3, 12, tzinfo=UTC)
+TWO_MINUTES = 2400
+
 CATEGORIES = {
     "behavioural": {"login", "page_view", "asset_view", "app_interaction"},
     "transactional": {
@@ -39,6 +43,62 @@ def events() -> list[dict[str, Any]]:
 def _usd(event: dict[str, Any]) -> Decimal:
     rate = FX_USD_PER_UNIT.get(event["currency"], Decimal(1))
     return Decimal(event["amount"]) * rate
+
+
+def _patterns(events: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Positions of the events completing each example segment's pattern, per trader (crm_id).
+
+    A plain restatement of examples/segments/*.yaml over the feed's own events: the tier comes
+    from identify events, sessions split at 30 minutes without an event.
+    """
+    tier: dict[str, str] = {}
+    deposits: dict[str, list[datetime]] = {}
+    deposit_views: dict[str, list[datetime]] = {}
+    session: dict[str, list[dict[str, Any]]] = {}
+    last: dict[str, datetime] = {}
+    found: dict[str, list[int]] = {
+        "margin_call_risk": [],
+        "deposit_abandoned": [],
+        "hot_lead": [],
+        "high_value_onboarding": [],
+    }
+    for n, e in enumerate(events):
+        crm = e["identifiers"].get("crm_id")
+        if crm is None:
+            continue
+        at, props = e["occurred_at"], e["properties"]
+        if e["event_type"] == "identify" and "tier" in props:
+            tier[crm] = props["tier"]
+        if crm in last and at - last[crm] > timedelta(minutes=30):
+            session[crm] = []
+        last[crm] = at
+        session.setdefault(crm, []).append(e)
+
+        def deposited(within: timedelta, crm: str = crm, at: datetime = at) -> bool:
+            return any(at - within < d <= at for d in deposits.get(crm, ()))
+
+        if (
+            e["event_type"] == "margin_update"
+            and props["utilization"] > 0.95
+            and tier.get(crm) in ("gold", "platinum")
+            and not deposited(timedelta(hours=4))
+        ):
+            found["margin_call_risk"].append(n)
+        if e["event_type"] == "page_view" and props["page"] == "deposit":
+            views = [v for v in deposit_views.get(crm, []) if v > at - timedelta(minutes=10)]
+            deposit_views[crm] = [*views, at]
+            if views and not deposited(timedelta(minutes=30)):
+                found["deposit_abandoned"].append(n)
+        if e["event_type"] == "asset_view" and tier.get(crm) == "gold":
+            viewed = [x for x in session[crm] if x["event_type"] == "asset_view"]
+            assets = [x["properties"]["asset"] for x in viewed]
+            if len(assets) >= 3 and len(set(assets)) == 1:
+                found["hot_lead"].append(n)
+        if e["event_type"] == "deposit":
+            if not deposits.get(crm) and _usd(e) > 10_000:
+                found["high_value_onboarding"].append(n)
+            deposits.setdefault(crm, []).append(at)
+    return found
 
 
 def test_every_source_category_and_type(events: list[dict[str, Any]]) -> None:
@@ -167,6 +227,96 @@ def test_fx_rates_precede_the_feed() -> None:
     assert all(valid_from <= feed.start - timedelta(days=1) for _, valid_from, _ in rows)
 
 
+@pytest.mark.parametrize(("seed", "history"), [(0, True), (1, True), (2, True), (0, False)])
+def test_scenarios_show_up_within_two_minutes(seed: int, history: bool) -> None:
+    feed = TraderFeed(seed, profiles=500, start=DEMO_START, rate=20.0)
+    past = feed.history() if history else []
+    stream = list(feed.events(TWO_MINUTES))
+    found = _patterns(past + stream)
+    for segment, positions in found.items():
+        live = [n - len(past) for n in positions if n >= len(past)]
+        assert live, f"no {segment} pattern in the first two minutes"
+        # Well within: the first one comes in the first half on these seeds.
+        assert stream[live[0]]["occurred_at"] - DEMO_START < timedelta(seconds=90), segment
+
+
+def test_scenarios_play_out(events: list[dict[str, Any]]) -> None:
+    """Margin calls end in closed positions, a deposit or continued exposure; abandoned
+    deposits mostly stay abandoned; large first deposits come in several currencies."""
+    found = _patterns(events)
+    assert all(len(v) >= 10 for v in found.values()), {k: len(v) for k, v in found.items()}
+    outcomes: Counter[str] = Counter()
+    for n in found["margin_call_risk"]:
+        crm = events[n]["identifiers"]["crm_id"]
+        after = [
+            e["event_type"]
+            for e in events[n + 1 : n + 400]
+            if e["identifiers"].get("crm_id") == crm
+            and e["event_type"] in ("positions_closed", "deposit", "margin_update")
+        ]
+        outcomes[after[0] if after else "none"] += 1
+    assert outcomes["positions_closed"] > 0 and outcomes["deposit"] > 0
+    assert outcomes["margin_update"] + outcomes["none"] > 0  # still exposed
+    large = {events[n]["currency"] for n in found["high_value_onboarding"]}
+    assert len(large) >= 3
+
+
+def test_history_backdates_the_existing_clients() -> None:
+    feed = TraderFeed(seed=4, profiles=300, start=DEMO_START)
+    past = feed.history()
+    times = [e["occurred_at"] for e in past]
+    assert times == sorted(times)
+    assert times[0] >= DEMO_START - timedelta(days=9)
+    assert times[-1] < DEMO_START - timedelta(hours=5)
+    existing = {feed.trader(i)["crm_id"] for i in range(300) if feed.trader(i)["existing"]}
+    imported = {
+        e["identifiers"]["crm_id"]
+        for e in past
+        if e["event_type"] == "identify" and e["occurred_at"] == times[0]
+    }
+    assert imported == existing
+    funded = {e["identifiers"]["crm_id"] for e in past if e["event_type"] == "deposit"}
+    assert len(funded) > 0.6 * len(existing)
+    last_login: dict[str, datetime] = {}
+    for e in past:
+        if e["event_type"] == "login":
+            last_login[e["identifiers"]["crm_id"]] = e["occurred_at"]
+    quiet = [c for c, at in last_login.items() if at < DEMO_START - timedelta(days=7)]
+    assert 0.05 * len(existing) < len(quiet) < 0.3 * len(existing)  # inactive_7d material
+    # The stream goes on from `start` and knows the imported clients: no second CRM sync.
+    stream = list(feed.events(3000))
+    assert min(e["occurred_at"] for e in stream) >= DEMO_START
+    assert not any(
+        e["event_type"] == "identify" and e["source"] == "crm" and "name" in e["properties"]
+        for e in stream
+    )
+    assert len({e["event_key"] for e in past + stream}) == len(past) + len(stream)
+
+
+def test_history_is_deterministic() -> None:
+    def take(seed: int) -> list[dict[str, Any]]:
+        feed = TraderFeed(seed=seed, profiles=60, start=DEMO_START)
+        return feed.history() + list(feed.events(500))
+
+    assert take(3) == take(3)
+    assert take(3) != take(4)
+    with pytest.raises(ValueError, match="8 days"):
+        TraderFeed(profiles=10).history(days=2)
+
+
+def test_trader_offset_brings_other_people() -> None:
+    base = TraderFeed(seed=1, profiles=520)
+    later = TraderFeed(seed=1, profiles=20, trader_offset=500)
+    assert later.trader(0) == base.trader(500)
+    assert later.trader(0)["crm_id"] == "C-0000501"
+    events = list(later.events(3000))
+    crm_ids = {e["identifiers"]["crm_id"] for e in events if "crm_id" in e["identifiers"]}
+    assert crm_ids <= {f"C-{n:07d}" for n in range(501, 521)}
+    anonymous = {e["identifiers"].get("anonymous_id") for e in events} - {None}
+    earlier = {e["identifiers"].get("anonymous_id") for e in TraderFeed(1, 20).events(3000)}
+    assert anonymous and not anonymous & earlier
+
+
 def _count(conn: psycopg.Connection[Any], query: str, *params: Any) -> int:
     row = conn.execute(query, params).fetchone()
     assert row is not None
@@ -247,11 +397,29 @@ def test_copy_and_insert_store_the_feed(conn: psycopg.Connection[Any]) -> None:
 def test_demo_streams_into_the_database(db_url: str, conn: psycopg.Connection[Any]) -> None:
     from rich.console import Console
 
+    from segflow.db import connect
     from segflow.demo import run_demo
+    from segflow.install import apply
+    from segflow.paths import EXAMPLES_DIR
 
-    summary = run_demo(db_url, rate=40.0, duration=2.0, seed=5, console=Console(quiet=True))
-    assert summary.events > 20
-    assert _count(conn, "SELECT count(*) FROM segflow.events") == summary.events
+    with connect(db_url) as own:
+        apply(own, [EXAMPLES_DIR / "segments"])
+    summary = run_demo(
+        db_url, rate=40.0, duration=3.0, seed=5, profiles=100, console=Console(quiet=True)
+    )
+    # Paced by the feed's clock: exactly the events of the first 3 s, about 40/s.
+    assert summary.elapsed == 3.0 and 80 < summary.events < 160
+    assert summary.history > 300
+    stored = _count(conn, "SELECT count(*) FROM segflow.events")
+    assert stored == summary.events + summary.history
     assert summary.profiles > 0 and summary.dead_letters == 0
     latest = conn.execute("SELECT max(occurred_at) - segflow.now() FROM segflow.events").fetchone()
     assert latest is not None and latest[0] <= timedelta(0)  # paced by the engine's clock
+    # The view knows every segment and its members (the history funded most clients).
+    assert set(summary.segments) >= {"margin_call_risk", "funded", "engaged", "hot_lead"}
+    funded = _count(conn, "SELECT member_count FROM segflow.segment_catalog WHERE name = 'funded'")
+    assert summary.segments["funded"].members == funded > 30
+    # Transitions are read back from the ledger, after the history's.
+    assert len(summary.recent) == min(summary.transitions, summary.recent.maxlen or 0)
+    ids = [t.transition_id for t in summary.recent]
+    assert ids == sorted(ids)

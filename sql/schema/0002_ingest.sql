@@ -188,6 +188,7 @@ BEGIN
         RETURN;
     END IF;
     PERFORM segflow.lock_profiles(ARRAY[p_survivor, p_absorbed]);
+    PERFORM segflow._before_events(ARRAY[p_survivor, p_absorbed], segflow.now());
     PERFORM set_config('segflow.internal', 'on', true);
 
     UPDATE segflow.identities SET profile_id = p_survivor WHERE profile_id = p_absorbed;
@@ -295,9 +296,9 @@ DECLARE
     v_sets jsonb[] := '{}';
     v_set_profiles bigint[] := '{}';
     v_merges_before bigint;
+    v_need bigint[];
+    v_locked bigint[] := '{}';
 BEGIN
-    SELECT max(merge_id) INTO v_merges_before FROM segflow.profile_merges;
-
     SELECT u.pid INTO v_unknown
     FROM unnest(p_profile_ids) u(pid)
     WHERE u.pid IS NOT NULL
@@ -326,6 +327,49 @@ BEGIN
             HAVING count(*) = count(i.profile_id) AND min(i.profile_id) = max(i.profile_id)
         ) f ON f.ord = u.ord
     ) r;
+
+    -- Locks in one ascending round each, identifiers before profiles, as every statement
+    -- takes them: set by set, two statements could each hold what the other waits for.
+    PERFORM count(pg_advisory_xact_lock(h))
+    FROM (SELECT DISTINCT hashtextextended(k.key || chr(31) || k.value, 1936025956) h
+          FROM unnest(p_identifiers, v_result) u(idents, pid)
+          CROSS JOIN jsonb_each_text(u.idents) k
+          WHERE u.pid IS NULL ORDER BY 1) s;
+    -- Then every profile the batch may touch: the fast path's and the current owners of the
+    -- slow path's identifiers. Without these locks a concurrent merge could absorb a profile
+    -- chosen here and leave events on it. A merge that committed while we waited may have
+    -- moved them to a profile not locked yet: lock that too, until nothing new appears. That
+    -- second round can deadlock; the subtransaction then releases its profile locks and we
+    -- start over, so the other statement goes on.
+    <<locking>>
+    LOOP
+        BEGIN
+            v_locked := '{}';
+            LOOP
+                SELECT array_agg(DISTINCT s.p ORDER BY s.p) INTO v_need
+                FROM (SELECT coalesce(p.merged_into, p.profile_id) AS p
+                      FROM unnest(v_result) u(pid)
+                      JOIN segflow.profiles p ON p.profile_id = u.pid
+                      UNION ALL
+                      SELECT i.profile_id
+                      FROM unnest(p_identifiers, v_result) u(idents, pid)
+                      CROSS JOIN jsonb_each_text(u.idents) k
+                      JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value
+                      WHERE u.pid IS NULL) s
+                WHERE s.p <> ALL (v_locked);
+                EXIT locking WHEN v_need IS NULL;
+                PERFORM segflow.lock_profiles(v_need);
+                v_locked := v_locked || v_need;
+            END LOOP;
+        EXCEPTION WHEN deadlock_detected THEN
+            NULL;
+        END;
+    END LOOP;
+    SELECT array_agg(coalesce(p.merged_into, u.pid) ORDER BY u.ord) INTO v_result
+    FROM unnest(v_result) WITH ORDINALITY u(pid, ord)
+    LEFT JOIN segflow.profiles p ON p.profile_id = u.pid;
+
+    SELECT max(merge_id) INTO v_merges_before FROM segflow.profile_merges;
 
     -- The slow path, once per distinct identifier set, in order of first appearance.
     FOR v_set IN
@@ -357,14 +401,14 @@ $$;
 
 -- The statement trigger behind every INSERT and COPY into segflow.events.
 CREATE FUNCTION segflow._events_after_insert() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Compiled segment queries are costed high: JIT would spend seconds compiling each.
+SET jit = off AS $$
 DECLARE
     v_now timestamptz := segflow.now();
     v_latest_allowed timestamptz := v_now + segflow.config_value('future_tolerance')::interval;
     v_problem text;
     v_problem_id bigint;
-    v_first timestamptz;
-    v_last timestamptz;
     v_ids bigint[];
     v_types text[];
     v_times timestamptz[];
@@ -382,6 +426,7 @@ DECLARE
     v_trait record;
     v_leaf record;
     v_profiles bigint[];
+    v_new_profiles bigint[];
     v_event_types text[];
 BEGIN
     IF EXISTS (SELECT 1 FROM new_rows WHERE stored)
@@ -465,10 +510,23 @@ BEGIN
         WHERE u.id = ANY (v_fresh);
     END IF;
 
+    PERFORM set_config('segflow.internal', 'on', true);
     v_pids := segflow.resolve_batch(v_idents, v_pids);
+    PERFORM set_config('segflow.internal', '', true);
+    SELECT array_agg(DISTINCT p ORDER BY p) INTO v_profiles FROM unnest(v_pids) p;
+    -- Profiles seen for the first time: every segment may hold for them, not only those
+    -- these event types feed (e.g. "no deposit within 4h").
+    SELECT array_agg(p ORDER BY p) INTO v_new_profiles FROM unnest(v_profiles) p
+    WHERE NOT EXISTS (SELECT 1 FROM segflow.events_stored e WHERE e.profile_id = p);
+    -- Time-driven changes due up to now are applied before these events exist, so a late
+    -- event never counts at an instant before it arrived.
+    PERFORM segflow._before_events(v_profiles, v_now);
 
-    SELECT min(t), max(t) INTO v_first, v_last FROM unnest(v_times) t;
-    PERFORM segflow.ensure_partitions(v_first, v_last);
+    -- Only the days that have events: a backfill of two far-apart days must not create
+    -- every partition in between. Ascending, like every partition lock.
+    PERFORM segflow.ensure_partitions(d.t, d.t)
+    FROM (SELECT min(t) AS t FROM unnest(v_times) t
+          GROUP BY (t AT TIME ZONE 'UTC')::date ORDER BY 1) d;
 
     INSERT INTO segflow.events_stored (event_id, event_type, occurred_at, identifiers, profile_id,
                                        amount, currency, amount_usd, properties, source,
@@ -503,9 +561,8 @@ BEGIN
         PERFORM set_config('segflow.internal', '', true);
     END IF;
 
-    SELECT array_agg(DISTINCT p ORDER BY p) INTO v_profiles FROM unnest(v_pids) p;
     SELECT array_agg(DISTINCT t) INTO v_event_types FROM unnest(v_types) t;
-    PERFORM segflow._after_events(v_profiles, v_event_types, v_now);
+    PERFORM segflow._after_events(v_profiles, v_event_types, v_now, v_new_profiles);
     RETURN NULL;
 END
 $$;
@@ -566,7 +623,9 @@ $$;
 
 -- Trait changes made with plain SQL re-evaluate the trait-driven segments of those profiles.
 CREATE FUNCTION segflow._profiles_after_update() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Compiled segment queries are costed high: JIT would spend seconds compiling each.
+SET jit = off AS $$
 DECLARE
     v_profiles bigint[];
 BEGIN
@@ -587,3 +646,28 @@ CREATE TRIGGER profiles_traits
     AFTER UPDATE ON segflow.profiles
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_update();
+
+-- Profiles created with plain SQL (not by ingest) are evaluated for every segment at once.
+CREATE FUNCTION segflow._profiles_after_insert() RETURNS trigger
+LANGUAGE plpgsql
+-- Compiled segment queries are costed high: JIT would spend seconds compiling each.
+SET jit = off AS $$
+DECLARE
+    v_profiles bigint[];
+BEGIN
+    IF current_setting('segflow.internal', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
+    FROM new_rows n WHERE n.merged_into IS NULL;
+    IF v_profiles IS NOT NULL THEN
+        PERFORM segflow._after_traits(v_profiles, segflow.now(), true);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER profiles_created
+    AFTER INSERT ON segflow.profiles
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_insert();

@@ -215,37 +215,61 @@ BEGIN
 END
 $$;
 
--- Engine hook of the ingest trigger: catch up, then evaluate the segments these event
--- types can affect, at the transaction's clock time.
-CREATE FUNCTION segflow._after_events(p_profile_ids bigint[], p_types text[], p_at timestamptz)
+-- Engine hook of the ingest trigger before new events are stored: lock the profiles and
+-- apply what fell due up to the transaction's clock time.
+CREATE FUNCTION segflow._before_events(p_profile_ids bigint[], p_at timestamptz)
 RETURNS integer
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_segment integer;
-    v_ats timestamptz[];
-    v_total integer := 0;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM segflow.segment_defs WHERE active AND mode = 'realtime') THEN
         RETURN 0;
     END IF;
     PERFORM segflow.lock_profiles(p_profile_ids);
-    v_total := segflow._catch_up(p_profile_ids, p_at);
+    RETURN segflow._catch_up(p_profile_ids, p_at);
+END
+$$;
+
+-- Engine hook of the ingest trigger once the events are stored: evaluate the segments these
+-- event types can affect, at the transaction's clock time.
+-- p_new_profiles (first events ever) are evaluated for every segment.
+CREATE FUNCTION segflow._after_events(p_profile_ids bigint[], p_types text[], p_at timestamptz,
+                                      p_new_profiles bigint[] DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_def record;
+    v_ats timestamptz[];
+    v_new_ats timestamptz[];
+    v_total integer := 0;
+BEGIN
     v_ats := array_fill(p_at, ARRAY[cardinality(p_profile_ids)]);
-    FOR v_segment IN
-        SELECT d.segment_id FROM segflow.segment_defs d
+    IF p_new_profiles IS NOT NULL THEN
+        v_new_ats := array_fill(p_at, ARRAY[cardinality(p_new_profiles)]);
+    END IF;
+    FOR v_def IN
+        SELECT d.segment_id,
+               (d.trigger_types IS NULL OR d.trigger_types && p_types
+                OR (d.trait_sensitive AND p_types && ARRAY['identify', 'consent_updated']))
+                   AS affected
+        FROM segflow.segment_defs d
         WHERE d.active AND d.mode = 'realtime'
-          AND (d.trigger_types IS NULL OR d.trigger_types && p_types
-               OR (d.trait_sensitive AND p_types && ARRAY['identify', 'consent_updated']))
         ORDER BY d.topo_order, d.segment_id
     LOOP
-        v_total := v_total + segflow._apply(v_segment, p_profile_ids, v_ats, 'event');
+        IF v_def.affected THEN
+            v_total := v_total + segflow._apply(v_def.segment_id, p_profile_ids, v_ats, 'event');
+        ELSIF p_new_profiles IS NOT NULL THEN
+            v_total := v_total + segflow._apply(v_def.segment_id, p_new_profiles, v_new_ats,
+                                                'event');
+        END IF;
     END LOOP;
     RETURN v_total;
 END
 $$;
 
 -- Engine hook for trait changes made outside ingest (plain SQL, the API).
-CREATE FUNCTION segflow._after_traits(p_profile_ids bigint[], p_at timestamptz)
+-- p_all_segments: new profiles, for which every segment may hold.
+CREATE FUNCTION segflow._after_traits(p_profile_ids bigint[], p_at timestamptz,
+                                      p_all_segments boolean DEFAULT false)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -258,7 +282,7 @@ BEGIN
     v_ats := array_fill(p_at, ARRAY[cardinality(p_profile_ids)]);
     FOR v_segment IN
         SELECT d.segment_id FROM segflow.segment_defs d
-        WHERE d.active AND d.mode = 'realtime' AND d.trait_sensitive
+        WHERE d.active AND d.mode = 'realtime' AND (d.trait_sensitive OR p_all_segments)
         ORDER BY d.topo_order, d.segment_id
     LOOP
         v_total := v_total + segflow._apply(v_segment, p_profile_ids, v_ats, 'trait');
@@ -277,8 +301,7 @@ DECLARE
     v_total integer;
     v_exits integer;
 BEGIN
-    PERFORM segflow.lock_profiles(ARRAY[p_survivor, p_absorbed]);
-    v_total := segflow._catch_up(ARRAY[p_survivor, p_absorbed], p_at);
+    v_total := 0;
     WITH gone AS (
         DELETE FROM segflow.segment_members m
         WHERE m.profile_id = p_absorbed
@@ -313,7 +336,9 @@ $$;
 CREATE FUNCTION segflow.evaluate_batch(
     p_segment_id integer, p_after bigint, p_limit integer, p_at timestamptz, p_reason text
 ) RETURNS bigint
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Compiled segment queries are costed high: JIT would spend seconds compiling each.
+SET jit = off AS $$
 DECLARE
     v_profiles bigint[];
     v_scheduled boolean;
@@ -364,9 +389,12 @@ END
 $$;
 
 -- CONTRACT §6: applies every time-driven change due up to p_at; returns the transitions written.
-CREATE FUNCTION segflow.tick(p_at timestamptz DEFAULT segflow.now()) RETURNS integer
-LANGUAGE plpgsql AS $$
+CREATE FUNCTION segflow.tick("at" timestamptz DEFAULT segflow.now()) RETURNS integer
+LANGUAGE plpgsql
+-- Compiled segment queries are costed high: JIT would spend seconds compiling each.
+SET jit = off AS $$
 DECLARE
+    p_at timestamptz := $1;
     v_def record;
     v_candidates bigint[];
     v_locked bigint[];

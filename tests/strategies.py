@@ -1,0 +1,494 @@
+"""Hypothesis strategies for differential tests: random event streams, traits, definitions
+drawn from the whole segment language, and checkpoint instants.
+
+Everything lives on a coarse grid around ``BASE_TIME`` (whole seconds, mostly multiples of
+30 s) and every duration is a small multiple of the grid, so window edges, ``max_age``/``age``
+thresholds, session gaps of exactly the timeout and equal ``occurred_at`` ties are hit exactly
+and often. Definitions are always valid per the contract; invalid ones are the compiler's tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from hypothesis import strategies as st
+from reference import Event, World
+
+BASE_TIME = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+EVENT_HORIZON = timedelta(hours=4)  # events occur in [BASE_TIME, BASE_TIME + 4h]
+CHECK_HORIZON = timedelta(hours=6)  # checkpoints reach past the events so windows slide off
+GRID = timedelta(seconds=30)
+
+PROFILE_IDS = (1, 2, 3, 4)
+EVENT_TYPES = ("login", "page_view", "deposit", "trade", "margin_update", "positions_closed")
+MONEY_TYPES = frozenset({"deposit", "trade", "positions_closed"})
+# Filters may also name a type that never occurs: they must cope with no events at all.
+FILTER_TYPES = (*EVENT_TYPES, "withdrawal")
+ASSETS = ("XAUUSD", "EURUSD", "BTCUSD")
+SOURCES = (None, "web", "app")
+AMOUNTS = tuple(Decimal(a) for a in ("0.95", "1", "1.00", "100", "250.50", "1000", "-50.25"))
+
+DURATIONS = ("1s", "30s", "5m", "30m", "1h", "2h")
+REFRESHES = ("30s", "1m", "5m", "30m", "1h")
+# Gaps between consecutive instants: ties, one grid step, exactly the session timeout, ±1 s.
+GAP_SECONDS = (0, 1, 30, 30, 60, 300, 300, 1799, 1800, 1800, 1801, 3600)
+
+OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists")
+ORDER_OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte")
+
+# Field and trait paths with the operands worth comparing them with (values that occur, so
+# comparisons are sometimes true and sometimes false); the operands' type is the field's.
+EVENT_FIELDS: dict[str, tuple[Any, ...]] = {
+    "amount": (0, 1, 0.95, 100, 250.5, 1000),
+    "amount_usd": (0, 1, 100, 250.5, 1000),
+    "currency": ("USD", "EUR"),
+    "source": ("web", "app"),
+    "properties.utilization": (0.5, 0.9, 0.95, 1, 1.25),
+    "properties.exposure_usd": (0, 1000, 2500.5, 10000),
+    "properties.asset": ASSETS,
+    "properties.risk.level": ("high", "low"),
+    "properties.nowhere": (0, 1),
+}
+NUMERIC_EVENT_FIELDS = tuple(f for f, v in EVENT_FIELDS.items() if isinstance(v[0], int | float))
+TRAIT_PATHS: dict[str, tuple[Any, ...]] = {
+    "tier": ("gold", "silver", "platinum"),
+    "country": ("DE", "GB", "CY"),
+    "balance": (0, 100, 1000, 2500.5),
+    "vip": (True, False),
+    "consent.email": (True, False),
+    "consent.sms": (True, False),
+    "nowhere.deep": ("x",),
+}
+COUNTS: tuple[int, ...] = (0, 1, 2, 3)
+SCORE_LEVELS: tuple[int | float, ...] = (0, 0.5, 1, 2.5, 5, 10)
+# Operands of the wrong type, whose comparisons must be false (never an error).
+MISMATCHED: tuple[tuple[Any, ...], ...] = ((0, 1, 0.95), ("USD", "gold", "0.97"), (True, False))
+
+NAMES = st.from_regex(r"[a-z][a-z0-9_]{0,62}", fullmatch=True)
+CONTEXT_KEYS = ("ctx_a", "ctx_b", "ctx_c", "exposure_usd", "tier")
+
+
+# --- events ------------------------------------------------------------------------------
+
+_utilization = st.one_of(
+    st.sampled_from((0.5, 0.9, 0.95, 0.96, 1.0, 1.25)),
+    st.sampled_from((0, 1, 2)),
+    st.sampled_from(("0.97", "high")),  # strings never compare with numbers
+    st.none(),
+)
+_properties = st.fixed_dictionaries(
+    {},
+    optional={
+        "utilization": _utilization,
+        "asset": st.sampled_from(ASSETS),
+        "exposure_usd": st.one_of(st.sampled_from((0, 1000, 2500.5, 10000)), st.none()),
+        "risk": st.fixed_dictionaries({}, optional={"level": st.sampled_from(("high", "low", 1))}),
+    },
+)
+
+
+@st.composite
+def _instants(draw: st.DrawFn) -> list[int]:
+    """Offsets in seconds from BASE_TIME, built from gaps so edges coincide exactly."""
+    offset = draw(st.sampled_from((0, 30, 600, 3600)))
+    instants = [offset]
+    for gap in draw(st.lists(st.sampled_from(GAP_SECONDS), min_size=1, max_size=16)):
+        offset += gap
+        if offset > EVENT_HORIZON.total_seconds():
+            break
+        instants.append(offset)
+    return instants
+
+
+@st.composite
+def _event_row(draw: st.DrawFn, profiles: Sequence[int], instants: Sequence[int]) -> dict[str, Any]:
+    event_type = draw(st.sampled_from(EVENT_TYPES))
+    amount = (
+        draw(st.one_of(st.none(), st.sampled_from(AMOUNTS))) if event_type in MONEY_TYPES else None
+    )
+    return {
+        "event_type": event_type,
+        "occurred_at": BASE_TIME + timedelta(seconds=draw(st.sampled_from(instants))),
+        "profile_id": draw(st.sampled_from(profiles)),
+        "amount": amount,
+        "currency": None if amount is None else "USD",
+        "source": draw(st.sampled_from(SOURCES)),
+        "properties": draw(_properties),
+    }
+
+
+@st.composite
+def event_streams(draw: st.DrawFn, min_size: int = 1, max_size: int = 20) -> list[dict[str, Any]]:
+    """Events in ingest shape ``{event_type, occurred_at, profile_id, amount, currency, source,
+    properties}``, in ingestion order (which is not occurred_at order)."""
+    profiles = PROFILE_IDS[: draw(st.integers(1, len(PROFILE_IDS)))]
+    instants = draw(_instants())
+    row = _event_row(profiles, instants)
+    # Sizes uniform over the range: hypothesis' own list sizes favour very short streams.
+    size = draw(st.integers(min_size, max_size))
+    return draw(st.lists(row, min_size=size, max_size=size))
+
+
+def _decimal(value: Any) -> Decimal | None:
+    if value is None:
+        return None
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+def to_events(
+    rows: Sequence[Mapping[str, Any]], event_ids: Sequence[int] | None = None
+) -> list[Event]:
+    """Reference events from ingest rows; ``event_ids`` default to 1, 2, … in list order.
+
+    Amounts must be in USD (or absent): the reference knows no FX rates.
+    """
+    ids = list(range(1, len(rows) + 1)) if event_ids is None else list(event_ids)
+    if len(ids) != len(rows):
+        raise ValueError("one event_id per row")
+    events = []
+    for event_id, row in zip(ids, rows, strict=True):
+        amount = _decimal(row.get("amount"))
+        currency = row.get("currency")
+        if amount is not None and currency != "USD":
+            raise ValueError(f"only USD amounts are supported, got {currency!r}")
+        events.append(
+            Event(
+                event_id=event_id,
+                profile_id=row["profile_id"],
+                event_type=row["event_type"],
+                occurred_at=row["occurred_at"],
+                amount=amount,
+                amount_usd=amount,
+                currency=currency,
+                source=row.get("source"),
+                properties=copy.deepcopy(dict(row.get("properties") or {})),
+            )
+        )
+    return events
+
+
+def profile_traits(
+    profile_ids: Sequence[int] = PROFILE_IDS,
+) -> st.SearchStrategy[dict[int, dict[str, Any]]]:
+    """Traits per profile (some profiles have none), nested for ``consent.*``."""
+    one = st.fixed_dictionaries(
+        {},
+        optional={
+            "tier": st.sampled_from(("gold", "silver", "platinum")),
+            "country": st.sampled_from(("DE", "GB", "CY")),
+            "balance": st.sampled_from((0, 0.95, 100, 1000, 2500.5, "1000")),
+            "vip": st.one_of(st.booleans(), st.just("yes")),
+            "consent": st.fixed_dictionaries(
+                {}, optional={"email": st.booleans(), "sms": st.booleans()}
+            ),
+        },
+    )
+    return st.fixed_dictionaries({}, optional={p: one for p in profile_ids})
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+@st.composite
+def _checkpoint(draw: st.DrawFn, anchors: Sequence[datetime]) -> datetime:
+    grid_steps = int(CHECK_HORIZON / GRID)
+    offsets = [
+        st.integers(0, grid_steps).map(lambda k: BASE_TIME + k * GRID),
+        st.integers(0, int(CHECK_HORIZON.total_seconds())).map(
+            lambda s: BASE_TIME + timedelta(seconds=s)
+        ),
+    ]
+    if anchors:
+        # An event's instant plus a duration of the language: exactly where edges lie.
+        shifts = st.sampled_from((0, 1, 30, 300, 1800, 3600, 7200))
+        anchored = st.tuples(st.sampled_from(anchors), shifts).map(
+            lambda pair: pair[0] + timedelta(seconds=pair[1])
+        )
+        offsets = [anchored, anchored, *offsets]
+    instant = draw(st.one_of(offsets))
+    return instant + timedelta(microseconds=draw(st.sampled_from((0, 0, 0, 1, -1))))
+
+
+def check_times(
+    anchors: Sequence[datetime] = (), min_size: int = 3, max_size: int = 10
+) -> st.SearchStrategy[list[datetime]]:
+    """Increasing checkpoint instants over the event range and beyond; some on the grid, some
+    a microsecond off. With ``anchors`` (e.g. the events' occurred_at) many fall on an
+    anchor plus one of the language's durations."""
+    points = st.lists(
+        _checkpoint(tuple(anchors)), min_size=min_size, max_size=max_size, unique=True
+    )
+    return points.map(sorted)
+
+
+# --- comparisons -------------------------------------------------------------------------
+
+
+def _same_type(a: Any, b: Any) -> bool:
+    def kind(v: Any) -> str:
+        return "boolean" if isinstance(v, bool) else "string" if isinstance(v, str) else "number"
+
+    return kind(a) == kind(b)
+
+
+@st.composite
+def _operand_pool(draw: st.DrawFn, values: Sequence[Any]) -> tuple[Any, ...]:
+    """Mostly ``values``; one time in ten, values of another type."""
+    if draw(st.integers(0, 9)) == 0:
+        others = [pool for pool in MISMATCHED if not _same_type(pool[0], values[0])]
+        return tuple(draw(st.sampled_from(others)))
+    return tuple(values)
+
+
+@st.composite
+def comparisons(draw: st.DrawFn, values: Sequence[Any]) -> dict[str, Any]:
+    """One operator (sometimes two, which must both hold) with operands drawn from
+    ``values``, or now and then of another type."""
+    ops = draw(st.lists(st.sampled_from(OPERATORS), min_size=1, max_size=2, unique=True))
+    if draw(st.integers(0, 3)) > 0:
+        ops = ops[:1]
+    result: dict[str, Any] = {}
+    for op in ops:
+        pool = draw(_operand_pool(values))
+        if op == "exists":
+            result[op] = draw(st.booleans())
+        elif op in ("in", "not_in"):
+            result[op] = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True))
+        else:
+            result[op] = draw(st.sampled_from(pool))
+    return result
+
+
+@st.composite
+def _where_value(draw: st.DrawFn, values: Sequence[Any]) -> Any:
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.sampled_from(tuple(values)))  # a bare scalar means eq
+    return draw(comparisons(values))
+
+
+@st.composite
+def _age_comparisons(draw: st.DrawFn) -> dict[str, str]:
+    ops = draw(st.lists(st.sampled_from(ORDER_OPERATORS), min_size=1, max_size=2, unique=True))
+    return {op: draw(st.sampled_from(DURATIONS)) for op in ops}
+
+
+# --- filters, windows, aggregates --------------------------------------------------------
+
+_types = st.one_of(
+    st.sampled_from(FILTER_TYPES),
+    st.lists(st.sampled_from(FILTER_TYPES), min_size=1, max_size=3, unique=True),
+)
+
+
+@st.composite
+def event_filters(draw: st.DrawFn) -> Any:
+    """A bare type, a list of types, or ``{event: …, where: {…}}``."""
+    shape = draw(st.sampled_from(("type", "type", "list", "event", "where")))
+    if shape == "type":
+        return draw(st.sampled_from(FILTER_TYPES))
+    if shape == "list":
+        return draw(st.lists(st.sampled_from(FILTER_TYPES), min_size=1, max_size=3, unique=True))
+    result: dict[str, Any] = {"event": draw(_types)}
+    if shape == "where":
+        size = draw(st.sampled_from((1, 1, 2)))
+        fields = draw(
+            st.lists(
+                st.sampled_from(tuple(EVENT_FIELDS)), min_size=size, max_size=size, unique=True
+            )
+        )
+        result["where"] = {f: draw(_where_value(EVENT_FIELDS[f])) for f in fields}
+    return result
+
+
+@st.composite
+def _windows(draw: st.DrawFn) -> dict[str, Any]:
+    within = draw(st.sampled_from((None, "session", *DURATIONS)))
+    window: dict[str, Any] = {} if within is None else {"within": within}
+    if draw(st.integers(0, 2)) == 0:
+        window["since_last"] = draw(event_filters())
+    return window
+
+
+@st.composite
+def _aggregate(draw: st.DrawFn) -> dict[str, Any]:
+    # No aggregate and count are the common cases, so they come up more often.
+    names = (None, "count", None, "count", "sum", "min", "max", "avg", "distinct")
+    name = draw(st.sampled_from(names))
+    if name is None:
+        return {}  # count: {gte: 1}
+    if name == "count":
+        if draw(st.booleans()):
+            return {"count": draw(st.sampled_from(COUNTS))}
+        return {"count": draw(comparisons(COUNTS))}
+    if name == "distinct":
+        path = draw(st.sampled_from(tuple(EVENT_FIELDS)))
+        return {"distinct": {"field": path, **draw(comparisons(COUNTS))}}
+    # Mostly numeric fields; a string field must be ignored (sum 0, min/max/avg null).
+    path = draw(st.sampled_from(NUMERIC_EVENT_FIELDS * 3 + tuple(EVENT_FIELDS)))
+    values = EVENT_FIELDS[path] if path in NUMERIC_EVENT_FIELDS else EVENT_FIELDS["amount"]
+    return {name: {"field": path, **draw(comparisons(values))}}
+
+
+# --- conditions and segments -------------------------------------------------------------
+
+
+@st.composite
+def conditions(
+    draw: st.DrawFn,
+    names_available: Sequence[str] = (),
+    score_names: Sequence[str] = (),
+    depth: int = 2,
+) -> dict[str, Any]:
+    """A condition of any kind; all/any/not nest at most ``depth`` levels."""
+    kinds = ["events", "last_field", "events", "trait", "last_age"]
+    if names_available:
+        kinds.append("in_segment")
+    if score_names:
+        kinds.append("score")
+    if depth > 0:
+        kinds += ["all", "any", "not"]
+    kind = draw(st.sampled_from(kinds))
+
+    if kind in ("all", "any"):
+        children = conditions(names_available, score_names, depth - 1)
+        return {kind: draw(st.lists(children, min_size=0, max_size=3))}
+    if kind == "not":
+        return {"not": draw(conditions(names_available, score_names, depth - 1))}
+    if kind == "trait":
+        path = draw(st.sampled_from(tuple(TRAIT_PATHS)))
+        return {"trait": path, **draw(comparisons(TRAIT_PATHS[path]))}
+    if kind == "events":
+        return {"events": draw(event_filters()), **draw(_windows()), **draw(_aggregate())}
+    if kind == "last_field":
+        path = draw(st.sampled_from(tuple(EVENT_FIELDS)))
+        condition = {"last": draw(event_filters()), "field": path}
+        condition.update(draw(comparisons(EVENT_FIELDS[path])))
+        if draw(st.booleans()):
+            condition["max_age"] = draw(st.sampled_from(DURATIONS))
+        return condition
+    if kind == "last_age":
+        return {"last": draw(event_filters()), "age": draw(_age_comparisons())}
+    if kind == "in_segment":
+        return {"in_segment": draw(st.sampled_from(tuple(names_available)))}
+    return {
+        "score": draw(st.sampled_from(tuple(score_names))),
+        **draw(comparisons(SCORE_LEVELS)),
+    }
+
+
+@st.composite
+def context_entries(draw: st.DrawFn, score_names: Sequence[str] = ()) -> dict[str, Any]:
+    """A segment's ``context`` mapping (possibly empty)."""
+    kinds = ["last", "trait", "events"] + (["score"] if score_names else [])
+    context: dict[str, Any] = {}
+    for key in draw(st.lists(st.sampled_from(CONTEXT_KEYS), max_size=3, unique=True)):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "last":
+            path = draw(st.sampled_from(tuple(EVENT_FIELDS)))
+            context[key] = {"last": draw(event_filters()), "field": path}
+        elif kind == "trait":
+            context[key] = {"trait": draw(st.sampled_from(tuple(TRAIT_PATHS)))}
+        elif kind == "score":
+            context[key] = {"score": draw(st.sampled_from(tuple(score_names)))}
+        else:
+            name = draw(st.sampled_from(("count", "sum", "min", "max", "avg", "distinct")))
+            aggregate = (
+                {} if name == "count" else {"field": draw(st.sampled_from(tuple(EVENT_FIELDS)))}
+            )
+            context[key] = {"events": draw(event_filters()), **draw(_windows()), name: aggregate}
+    return context
+
+
+@st.composite
+def score_definitions(draw: st.DrawFn, name: str | None = None) -> dict[str, Any]:
+    """``{score, half_life, weights}``; weights may name types that never occur."""
+    weights = draw(
+        st.dictionaries(
+            st.sampled_from(FILTER_TYPES),
+            st.sampled_from((1, 2, 0.5, 10, -1, 0)),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    return {
+        "score": name if name is not None else draw(NAMES),
+        "half_life": draw(st.sampled_from(DURATIONS)),
+        "weights": weights,
+    }
+
+
+@st.composite
+def segment_definitions(
+    draw: st.DrawFn,
+    names_available: Sequence[str] = (),
+    score_names: Sequence[str] = (),
+    name: str | None = None,
+    modes: Sequence[str] = ("realtime", "scheduled"),
+    max_depth: int = 2,
+) -> dict[str, Any]:
+    """A valid segment definition. ``in_segment`` only names ``names_available`` (earlier
+    segments, so there are no cycles) and ``score`` only ``score_names``."""
+    taken = set(names_available) | set(score_names)
+    if name is None:
+        name = draw(NAMES.filter(lambda n: n not in taken))
+    definition: dict[str, Any] = {"name": name}
+    if draw(st.booleans()):
+        definition["description"] = "generated"
+    mode = draw(st.sampled_from(tuple(modes)))
+    if mode == "scheduled":
+        definition["mode"] = "scheduled"
+        definition["refresh"] = draw(st.sampled_from(REFRESHES))
+    elif draw(st.booleans()):
+        definition["mode"] = "realtime"  # the default, sometimes spelled out
+    definition["rule"] = draw(conditions(names_available, score_names, max_depth))
+    lifecycle = draw(st.sampled_from(("none", "none", "goal", "goal_disqualify")))
+    if lifecycle != "none":
+        definition["goal"] = draw(event_filters())
+    if lifecycle == "goal_disqualify":
+        definition["disqualify"] = draw(event_filters())
+    context = draw(context_entries(score_names))
+    if context:
+        definition["context"] = context
+    return definition
+
+
+@dataclass(frozen=True)
+class DefinitionSet:
+    scores: dict[str, dict[str, Any]]
+    segments: dict[str, dict[str, Any]]  # in dependency order: each refers to earlier ones
+
+
+@st.composite
+def definition_sets(
+    draw: st.DrawFn,
+    max_scores: int = 2,
+    max_segments: int = 3,
+    modes: Sequence[str] = ("realtime", "scheduled"),
+) -> DefinitionSet:
+    """Scores and segments that refer to each other without cycles."""
+    score_names = draw(st.lists(NAMES, max_size=max_scores, unique=True))
+    scores = {n: draw(score_definitions(n)) for n in score_names}
+    segments: dict[str, dict[str, Any]] = {}
+    for _ in range(draw(st.integers(1, max_segments))):
+        definition = draw(segment_definitions(tuple(segments), score_names, modes=modes))
+        segments[definition["name"]] = definition
+    return DefinitionSet(scores=scores, segments=segments)
+
+
+@st.composite
+def worlds(draw: st.DrawFn, modes: Sequence[str] = ("realtime", "scheduled")) -> World:
+    """A complete reference world (scheduled_members left empty for the caller to fill)."""
+    definitions = draw(definition_sets(modes=modes))
+    return World(
+        events=to_events(draw(event_streams())),
+        traits=draw(profile_traits()),
+        segments=dict(definitions.segments),
+        scores=dict(definitions.scores),
+    )
