@@ -389,6 +389,8 @@ class CompiledSegment:
     segment_id: int
     view: str
     eval_function: str
+    # The evaluation as one SELECT over the parameters p_profile_ids and p_ats.
+    eval_query: str
     create_sql: str
     view_sql: str
 
@@ -431,10 +433,7 @@ def compile_segment(
         f"WHERE f.profile_id = i.profile_id AND f.occurred_at > i.at)"
     ]
     function = f"s{segment_id}_eval"
-    template = TEMPLATES.get_template("segment_eval.sql.j2")
-    create_sql = template.render(
-        function=ident(function),
-        segment_name=segment.name,
+    query = TEMPLATES.get_template("segment_query.sql.j2").render(
         member=member,
         next_at="least(" + ", ".join(nexts) + ")",
         context=(
@@ -444,6 +443,9 @@ def compile_segment(
         else "'{}'::jsonb",
         laterals=laterals,
     )
+    create_sql = TEMPLATES.get_template("segment_eval.sql.j2").render(
+        function=ident(function), segment_name=segment.name, query=query
+    )
     view_sql = TEMPLATES.get_template("segment_view.sql.j2").render(
         view=ident(segment.name),
         segment_id=segment_id,
@@ -451,5 +453,11 @@ def compile_segment(
         comment=lit(definition_text),
     )
     return CompiledSegment(
-        segment.name, segment_id, f"segments.{ident(segment.name)}", function, create_sql, view_sql
+        segment.name,
+        segment_id,
+        f"segments.{ident(segment.name)}",
+        function,
+        query,
+        create_sql,
+        view_sql,
     )

@@ -1,0 +1,105 @@
+"""The hot evaluation queries use the events indexes and read only the partitions they need."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from compiler.parse import load_paths
+from compiler.render import compile_segment
+from tests.helpers import at, install
+
+NOW = datetime(2026, 12, 10, 12, 0, tzinfo=UTC)
+DEFINITION = {
+    "name": "recent_depositor_at_risk",
+    "rule": {"all": [
+        {"events": "deposit", "within": "4h", "count": {"gte": 1}},
+        {"last": "margin_update", "field": "properties.utilization", "gt": 0.9},
+    ]},
+}
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def explain(conn: psycopg.Connection[Any], tmp_path: Path, profile_id: int) -> dict[str, Any]:
+    source = tmp_path / "definitions" / "recent_depositor_at_risk.json"
+    project = load_paths([source])
+    ids = {name: sid for name, sid in conn.execute(
+        "SELECT name, segment_id FROM segflow.segment_defs").fetchall()}
+    compiled = compile_segment(project.segments[DEFINITION["name"]], ids, project.scores, "")
+    query = (compiled.eval_query.replace("p_profile_ids", "%(profiles)s::bigint[]")
+             .replace("p_ats", "%(ats)s::timestamptz[]"))
+    conn.execute("SET jit = off")
+    row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}",
+                       {"profiles": [profile_id], "ats": [NOW]}).fetchone()
+    assert row is not None
+    plan: dict[str, Any] = row[0][0]["Plan"]
+    return plan
+
+
+def test_evaluation_uses_indexes_and_prunes_partitions(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    # Ten days of history for 40 traders: ten daily partitions.
+    at(conn, NOW.isoformat())
+    for day in range(10):
+        start = NOW - timedelta(days=day, hours=1)
+        rows = [(kind, start + timedelta(seconds=17 * n), {"crm_id": f"C-{n % 40}"},
+                 {"utilization": 0.95})
+                for n in range(200) for kind in ("deposit", "margin_update", "page_view")]
+        conn.execute(
+            "INSERT INTO segflow.events (event_type, occurred_at, identifiers, properties) "
+            "SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::jsonb[], %s::jsonb[])",
+            ([r[0] for r in rows], [r[1] for r in rows], [Jsonb(r[2]) for r in rows],
+             [Jsonb(r[3]) for r in rows]))
+    conn.execute("ANALYZE segflow.events_stored")
+    install(conn, tmp_path, extra={"recent_depositor_at_risk": DEFINITION})
+    (tmp_path / "definitions" / "recent_depositor_at_risk.json").write_text(
+        json.dumps(DEFINITION))
+    profile = conn.execute("SELECT profile_id FROM segflow.identities WHERE value = 'C-7'"
+                           ).fetchone()
+    assert profile is not None
+
+    plan = explain(conn, tmp_path, profile[0])
+    nodes = list(plan_nodes(plan))
+    event_scans = [n for n in nodes if str(n.get("Relation Name", "")).startswith("events_")]
+    assert event_scans, "no scan of an events partition"
+    assert all(n["Node Type"] in ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
+               for n in event_scans), sorted({n["Node Type"] for n in event_scans})
+    assert not any(n["Node Type"] == "Seq Scan" for n in event_scans)
+
+    # Each read of a profile's events (the 4 h window, the latest margin update, the next
+    # future event) opens at most the partitions its instant range can overlap: the others
+    # are pruned at run time from the evaluation instant ("never executed").
+    appends = [n for n in nodes if n["Node Type"] in ("Append", "MergeAppend")
+               and any(str(c.get("Relation Name", "")).startswith("events_")
+                       for c in n.get("Plans", []))]
+    assert len(appends) >= 3
+    for append in appends:
+        children = append["Plans"]
+        executed = [c["Relation Name"] for c in children if c.get("Actual Loops", 0) > 0]
+        assert len(children) == 10 and len(executed) <= 2, (len(children), executed)
+
+
+def test_tick_reads_only_due_schedule_rows(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("INSERT INTO segflow.schedule (segment_id, profile_id, due_at) "
+                 "SELECT 1, g, now() + g * interval '1 second' FROM generate_series(1, 20000) g")
+    conn.execute("ANALYZE segflow.schedule")
+    row = conn.execute(
+        "EXPLAIN (FORMAT JSON) SELECT profile_id FROM segflow.schedule "
+        "WHERE segment_id = 1 AND due_at <= now() + interval '10 seconds' "
+        "ORDER BY due_at LIMIT 5000").fetchone()
+    assert row is not None
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    scans = [n for n in nodes if n.get("Relation Name") == "schedule"]
+    assert scans and all(n.get("Index Name") == "schedule_due" for n in scans), scans
