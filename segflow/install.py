@@ -201,9 +201,13 @@ def preview(conn: psycopg.Connection[Any], path: str | Path, *, sample: int = 10
         ids[name] = 0  # a function name no installed segment uses; rolled back below
         compiled = compile_segment(segment, ids, project.scores, "")
         conn.execute(compiled.create_sql)
-        rows = conn.execute(
-            "SELECT e.profile_id, e.context FROM segflow.profiles p, "
-            "LATERAL segflow_compiled.s0_eval(ARRAY[p.profile_id], ARRAY[segflow.now()]) e "
-            "WHERE p.merged_into IS NULL AND e.member ORDER BY e.profile_id").fetchall()
+        found: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            rows = conn.execute(query("preview_batch"), {"after": after, "limit": BATCH}).fetchall()
+            if not rows:
+                break
+            after = rows[-1]["profile_id"]
+            found += [dict(r) for r in rows if r["member"]]
         total = fetch_one(conn, "live_profile_count")["n"]
-    return Preview(name, len(rows), total, [dict(r) for r in rows[:sample]])
+    return Preview(name, len(found), total, found[:sample])
