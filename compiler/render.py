@@ -11,6 +11,7 @@ identifiers are validated names (``NAME_RE``) and ids, quoted with ``sql.Identif
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import jinja2
 from psycopg import sql
 
 from compiler.model import (
+    Aggregate,
     AllCond,
     AnyCond,
     Comparison,
@@ -219,6 +221,20 @@ def aggregate_expr(func: str, f: Field | None, alias: str) -> str:
     return f"{func}({numeric_of(value)})"
 
 
+def count_cap(aggregate: Aggregate) -> int | None:
+    """For a count, a number of events past which its comparison cannot change (every
+    numeric operand is below it); None for other aggregates."""
+    if aggregate.func != "count":
+        return None
+    numbers = [0.0]
+    for _, operand in aggregate.comparison:
+        items = operand if isinstance(operand, tuple) else (operand,)
+        numbers += [
+            float(x) for x in items if isinstance(x, int | float) and not isinstance(x, bool)
+        ]
+    return math.floor(max(numbers)) + 1
+
+
 # -- the segment -----------------------------------------------------------------------
 
 
@@ -349,14 +365,24 @@ class _Builder:
         if window.session:
             self.uses_sessions = True
         agg = cond.aggregate
-        value = Value("a.v", "numeric")
-        ok = comparison(value, agg.comparison)
-        body = (
-            f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v, "
-            f"min(e.occurred_at) AS oldest FROM {EVENTS} e "
-            f"WHERE {window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}"
-        )
-        alias = self.add(f"SELECT {ok} AS ok, a.oldest FROM ({body}) a")
+        ok = comparison(Value("a.v", "numeric"), agg.comparison)
+        where = f"{window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}"
+        cap = count_cap(agg)
+        if cap is not None:
+            # Whether a count passes its thresholds needs at most cap events, however long
+            # the profile's history in the window is.
+            body = (
+                f"SELECT count(*) AS v FROM (SELECT 1 FROM {EVENTS} e WHERE {where} LIMIT {cap}) e"
+            )
+        else:
+            body = f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v FROM {EVENTS} e WHERE {where}"
+        oldest = "NULL::timestamptz"
+        if window.within is not None:
+            oldest = (
+                f"(SELECT e.occurred_at FROM {EVENTS} e WHERE {where} "
+                f"ORDER BY e.occurred_at LIMIT 1)"
+            )
+        alias = self.add(f"SELECT {ok} AS ok, {oldest} AS oldest FROM ({body}) a")
         if window.within is not None:
             self.nexts.append(after(f"{alias}.oldest + {interval(window.within)}"))
         return f"coalesce({alias}.ok, false)"
