@@ -375,7 +375,10 @@ class _Builder:
                 f"SELECT count(*) AS v FROM (SELECT 1 FROM {EVENTS} e WHERE {where} LIMIT {cap}) e"
             )
         else:
-            body = f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v FROM {EVENTS} e WHERE {where}"
+            body = (
+                f"SELECT {aggregate_expr(agg.func, agg.field, 'e')} AS v "
+                f"FROM {EVENTS} e WHERE {where}"
+            )
         oldest = "NULL::timestamptz"
         if window.within is not None:
             oldest = (
