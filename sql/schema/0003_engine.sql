@@ -44,7 +44,7 @@ CREATE INDEX segment_members_profile ON segflow.segment_members (profile_id);
 
 CREATE SEQUENCE segflow.transition_id_seq;
 CREATE TABLE segflow.transition_log (
-    transition_id bigint NOT NULL DEFAULT nextval('segflow.transition_id_seq') PRIMARY KEY,
+    transition_id bigint NOT NULL DEFAULT nextval('segflow.transition_id_seq'),
     segment_id    integer NOT NULL,
     profile_id    bigint NOT NULL,
     kind          text NOT NULL CHECK (kind IN ('enter', 'exit')),
@@ -52,10 +52,13 @@ CREATE TABLE segflow.transition_log (
     recorded_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     reason        text NOT NULL,
     context       jsonb NOT NULL DEFAULT '{}',
-    version       integer NOT NULL
+    version       integer NOT NULL,
+    -- Keyed by profile like every engine table, so it can be distributed by profile_id.
+    PRIMARY KEY (profile_id, transition_id)
 );
 CREATE INDEX transition_log_member
     ON segflow.transition_log (segment_id, profile_id, transition_id);
+CREATE INDEX transition_log_id ON segflow.transition_log (transition_id);
 
 -- The next instant at which a (segment, profile) answer may change without new input.
 CREATE TABLE segflow.schedule (
