@@ -1,10 +1,11 @@
 """The engine against the brute-force reference evaluator on random definitions and streams.
 
 Every example installs random definitions drawn from the whole language, ingests a random
-event stream (in ingestion order, late events included) with the engine clock following it,
-ticks at random checkpoints and compares, at each checkpoint, every segment's members with
-the reference. At the end the ledger must alternate enter/exit per (segment, profile), end in
-the current state, and every change must have happened exactly at its effective_at.
+event stream with the engine clock following ingestion (events arrive on time, late, or early
+with a future occurred_at that must come due by itself), ticks at random checkpoints and
+compares, at each checkpoint, every segment's members with the reference. At the end the
+ledger must alternate enter/exit per (segment, profile), end in the current state, and every
+change must have happened exactly at its effective_at.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,14 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from strategies import (
     BASE_TIME,
+    FUTURE_TOLERANCE,
     DefinitionSet,
+    Delivery,
     check_times,
     definition_sets,
-    event_streams,
+    event_palettes,
     profile_traits,
+    timed_event_streams,
     to_events,
 )
 
@@ -40,6 +44,60 @@ from segflow.install import apply
 
 INSTALL_AT = BASE_TIME - timedelta(hours=1)
 MICRO = timedelta(microseconds=1)
+# Reasons of the transitions that show the world moving after install.
+MOVING_REASONS = frozenset({"event", "tick", "scheduled_refresh"})
+
+
+def offset(at: datetime) -> str:
+    """``at`` as a signed offset from BASE_TIME (h:mm:ss[.µs]): short and easy to compare."""
+    delta = at - BASE_TIME
+    sign = "-" if delta < timedelta(0) else "+"
+    delta = abs(delta)
+    hours, rest = divmod(delta.days * 86400 + delta.seconds, 3600)
+    text = f"{sign}{hours}:{rest // 60:02}:{rest % 60:02}"
+    return f"{text}.{delta.microseconds:06}" if delta.microseconds else text
+
+
+@dataclass(frozen=True)
+class Scenario:
+    definitions: DefinitionSet
+    deliveries: list[Delivery]  # in ingestion order
+    traits: dict[int, dict[str, Any]]
+    checks: list[datetime]
+
+    def describe(self) -> str:
+        lines = [f"scenario (times are offsets from {BASE_TIME.isoformat()}):"]
+        for name, doc in self.definitions.scores.items():
+            lines.append(f"  score {name}: {json.dumps(doc)}")
+        for name, doc in self.definitions.segments.items():
+            lines.append(f"  segment {name}: {json.dumps(doc)}")
+        lines.append(f"  traits: {json.dumps(self.traits)}")
+        lines.append("  events in ingestion order (event_id, clock, occurred_at, profile, …):")
+        for event_id, (clock, row) in enumerate(self.deliveries, start=1):
+            extra = {k: row[k] for k in ("amount", "source") if row[k] is not None}
+            occurred = offset(row["occurred_at"])
+            lines.append(
+                f"    #{event_id:<3} clock {offset(clock):>11}  occurred {occurred:>11}"
+                f"  p{row['profile_id']} {row['event_type']} {json.dumps(extra, default=str)}"
+                f" {json.dumps(row['properties'])}")
+        lines.append(f"  checkpoints: {', '.join(offset(c) for c in self.checks)}")
+        return "\n".join(lines)
+
+    # Hypothesis prints falsifying examples with its pretty printer, which asks for this.
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.describe())
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    # The stream's event types first, so that definitions mostly filter on types that occur.
+    types = draw(event_palettes())
+    definitions = draw(definition_sets(types=types))
+    deliveries = draw(timed_event_streams(types))
+    traits = draw(profile_traits())
+    anchors = sorted({r["occurred_at"] for _, r in deliveries} | {c for c, _ in deliveries})
+    checks = draw(check_times(anchors=anchors))
+    return Scenario(definitions, deliveries, traits, checks)
 
 
 def reset(conn: psycopg.Connection[Any]) -> None:
@@ -87,22 +145,50 @@ def db_members(conn: psycopg.Connection[Any]) -> dict[str, set[int]]:
     return found
 
 
+def referenced(definitions: DefinitionSet, name: str) -> list[str]:
+    text = json.dumps(definitions.segments[name])
+    return [n for n in definitions.segments if f'"in_segment": "{n}"' in text]
+
+
 def depends_on_scheduled(definitions: DefinitionSet, name: str) -> bool:
-    segment = definitions.segments[name]
-    if segment.get("mode") == "scheduled":
+    if definitions.segments[name].get("mode") == "scheduled":
         return True
-    refs = [n for n in definitions.segments if f'"in_segment": "{n}"' in json.dumps(segment)]
-    return any(depends_on_scheduled(definitions, n) for n in refs)
+    return any(depends_on_scheduled(definitions, n) for n in referenced(definitions, name))
 
 
-@st.composite
-def scenarios(draw: st.DrawFn) -> tuple[DefinitionSet, list[dict[str, Any]],
-                                        dict[int, dict[str, Any]], list[datetime]]:
-    definitions = draw(definition_sets())
-    rows = draw(event_streams())
-    traits = draw(profile_traits())
-    checks = draw(check_times(anchors=sorted({r["occurred_at"] for r in rows})))
-    return definitions, rows, traits, checks
+def features(definition: Mapping[str, Any]) -> set[str]:
+    """The parts of the language a segment uses, for the coverage statistics."""
+    found: set[str] = set()
+
+    def walk(condition: Mapping[str, Any]) -> None:
+        for kind in ("all", "any"):
+            if kind in condition:
+                found.add(kind)
+                for child in condition[kind]:
+                    walk(child)
+        if "not" in condition:
+            found.add("not")
+            walk(condition["not"])
+        for kind in ("trait", "in_segment", "score"):
+            if kind in condition:
+                found.add(kind)
+        if "last" in condition:
+            found.add("last age" if "age" in condition else "last field")
+            if "max_age" in condition:
+                found.add("max_age")
+        if "events" in condition:
+            within = condition.get("within")
+            found.add("events" if within is None else
+                      "within session" if within == "session" else "within duration")
+            if "since_last" in condition:
+                found.add("since_last")
+            found.update(a for a in reference.AGGREGATES if a in condition)
+
+    walk(definition["rule"])
+    found.update(k for k in ("goal", "disqualify", "context") if k in definition)
+    if definition.get("mode") == "scheduled":
+        found.add("scheduled")
+    return found
 
 
 @pytest.mark.timeout(1800)
@@ -110,8 +196,8 @@ def scenarios(draw: st.DrawFn) -> tuple[DefinitionSet, list[dict[str, Any]],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(scenario=scenarios())
-def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Any) -> None:
-    definitions, rows, traits, checks = scenario
+def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Scenario) -> None:
+    definitions, traits, checks = scenario.definitions, scenario.traits, scenario.checks
     reset(conn)
     set_clock(conn, INSTALL_AT)
     # Profiles exist from their traits or first event on, as they would in production.
@@ -120,6 +206,10 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Any) 
                      (profile_id, Jsonb(traits[profile_id])))
     install(conn, definitions)
 
+    clocks = [clock for clock, _ in scenario.deliveries]
+    rows = [row for _, row in scenario.deliveries]
+    assert clocks == sorted(clocks), "the engine clock never goes backwards"
+    assert all(r["occurred_at"] - c <= FUTURE_TOLERANCE for c, r in scenario.deliveries)
     events = to_events(rows)
     world = reference.World(events=[], traits=traits, segments=definitions.segments,
                             scores=definitions.scores)
@@ -127,17 +217,13 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Any) 
     refreshed_at = {n: INSTALL_AT for n in scheduled}
     for name in scheduled:
         world.scheduled_members[name] = reference.refresh_members(world, name, INSTALL_AT)
-
-    # The engine clock follows ingestion: an event arrives at the latest occurred_at so far,
-    # so an event older than that is a late one.
-    clocks: list[datetime] = []
-    for row in rows:
-        clocks.append(max([row["occurred_at"], *clocks[-1:]]))
     pending = list(checks)
 
     def checkpoint(at: datetime, ingested: int) -> None:
         set_clock(conn, at)
         conn.execute("SELECT segflow.tick(%s)", (at,))
+        # What the engine has seen by now: the events ingested so far; the reference itself
+        # leaves out those whose occurred_at is still ahead.
         current = replace(world, events=events[:ingested])
         for name in scheduled:
             period = reference.parse_duration(definitions.segments[name]["refresh"])
@@ -151,9 +237,10 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Any) 
         for name in definitions.segments:
             expected = reference.members(current, name, at)
             assert found.get(name, set()) == expected, (
-                f"segment {name} at {at.isoformat()}: engine {sorted(found.get(name, set()))}"
-                f" reference {sorted(expected)}")
+                f"segment {name} at {offset(at)} after {ingested} events: "
+                f"engine {sorted(found.get(name, set()))}, reference {sorted(expected)}")
 
+    # Events sharing a clock go in one statement; a checkpoint at that clock comes after it.
     i = 0
     while i < len(rows):
         j = i
@@ -169,20 +256,20 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Any) 
 
     # The ledger: alternating, ending in the current state, each change at its exact instant.
     ledger = conn.execute(
-        "SELECT segment, profile_id, kind, effective_at FROM segflow.transitions "
+        "SELECT segment, profile_id, kind, effective_at, reason FROM segflow.transitions "
         "ORDER BY transition_id").fetchall()
+    record_statistics(scenario, ledger)
     per_key: dict[tuple[str, int], list[tuple[str, datetime]]] = defaultdict(list)
-    for segment, profile_id, kind, effective_at in ledger:
+    for segment, profile_id, kind, effective_at, _ in ledger:
         per_key[(segment, profile_id)].append((kind, effective_at))
-    reasons = {r for (r,) in conn.execute("SELECT DISTINCT reason FROM segflow.transitions")}
-    for reason in sorted(reasons):
-        event(f"ledger has {reason} transitions")
     final = db_members(conn)
     for (segment, profile_id), changes in per_key.items():
+        history = [(kind, offset(at)) for kind, at in changes]
         kinds = [k for k, _ in changes]
         assert kinds == ["enter", "exit"] * (len(kinds) // 2) + ["enter"] * (len(kinds) % 2), (
-            segment, profile_id, changes)
-        assert (kinds[-1] == "enter") == (profile_id in final.get(segment, set()))
+            f"segment {segment}, profile {profile_id}: transitions do not alternate: {history}")
+        assert (kinds[-1] == "enter") == (profile_id in final.get(segment, set())), (
+            f"segment {segment}, profile {profile_id}: ledger {history} disagrees with members")
         if depends_on_scheduled(definitions, segment):
             continue
         for at in sorted({t for _, t in changes}):
@@ -198,5 +285,30 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Any) 
                                                   for e in before.events)
             was = existed and reference.is_member(before, segment, profile_id, at - MICRO)
             now = reference.is_member(after, segment, profile_id, at)
-            assert was == (group[0] == "exit"), (segment, profile_id, at, "state before")
-            assert now == (group[-1] == "enter"), (segment, profile_id, at, "state after")
+            where = f"segment {segment}, profile {profile_id}, ledger {history}"
+            assert was == (group[0] == "exit"), (
+                f"{where}: at {offset(at)} the reference says the profile was "
+                f"{'a member' if was else 'no member'} just before")
+            assert now == (group[-1] == "enter"), (
+                f"{where}: at {offset(at)} the reference says the profile is "
+                f"{'a member' if now else 'no member'}")
+
+
+def record_statistics(scenario: Scenario, ledger: Sequence[tuple[Any, ...]]) -> None:
+    """What the example exercised, for ``--hypothesis-show-statistics``: the reasons in the
+    ledger, the parts of the language of segments that moved, and the arrival patterns."""
+    for reason in sorted({row[4] for row in ledger}):
+        event(f"ledger has {reason} transitions")
+    moving = {row[0] for row in ledger if row[4] in MOVING_REASONS and row[3] > INSTALL_AT}
+    used: set[str] = set()
+    for name in moving:
+        used |= features(scenario.definitions.segments[name])
+    for feature in sorted(used):
+        event(f"moving segment uses {feature}")
+    late = {c for c, r in scenario.deliveries if c > r["occurred_at"]}
+    early = {(r["profile_id"], r["occurred_at"]) for c, r in scenario.deliveries
+             if c < r["occurred_at"]}
+    if any(row[4] == "event" and row[3] in late for row in ledger):
+        event("a late event changed a membership")
+    if any(row[4] == "tick" and (row[1], row[3]) in early for row in ledger):
+        event("a future occurred_at came due in a tick")
