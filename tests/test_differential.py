@@ -11,12 +11,15 @@ change must have happened exactly at its effective_at.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ INSTALL_AT = BASE_TIME - timedelta(hours=1)
 MICRO = timedelta(microseconds=1)
 # Reasons of the transitions that show the world moving after install.
 MOVING_REASONS = frozenset({"event", "tick", "scheduled_refresh"})
+DURATION_TEXT = re.compile(r"[1-9][0-9]*[smhdw]")
 
 
 def offset(at: datetime) -> str:
@@ -254,52 +258,131 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Scena
     for at in pending:
         checkpoint(at, len(rows))
 
-    # The ledger: alternating, ending in the current state, each change at its exact instant.
-    ledger = conn.execute(
-        "SELECT segment, profile_id, kind, effective_at, reason FROM segflow.transitions "
-        "ORDER BY transition_id").fetchall()
+    ledger = [Transition(*row) for row in conn.execute(
+        "SELECT segment, profile_id, kind, effective_at, reason, context"
+        " FROM segflow.transitions ORDER BY transition_id").fetchall()]
     record_statistics(scenario, ledger)
-    per_key: dict[tuple[str, int], list[tuple[str, datetime]]] = defaultdict(list)
-    for segment, profile_id, kind, effective_at, _ in ledger:
-        per_key[(segment, profile_id)].append((kind, effective_at))
-    final = db_members(conn)
+    check_ledger(scenario, world, ledger, db_members(conn))
+
+
+@dataclass(frozen=True)
+class Transition:
+    segment: str
+    profile_id: int
+    kind: str
+    effective_at: datetime
+    reason: str
+    context: dict[str, Any]
+
+
+def durations_of(definitions: DefinitionSet) -> set[timedelta]:
+    """Every duration written in the definitions, and the session timeout."""
+    found = {reference.World([], {}, {}, {}).session_timeout}
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Mapping):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and DURATION_TEXT.fullmatch(value):
+            found.add(reference.parse_duration(value))
+
+    walk(definitions.segments)
+    walk(definitions.scores)
+    return found
+
+
+def critical_instants(bases: set[datetime], durations: set[timedelta], until: datetime,
+                      ) -> list[datetime]:
+    """Where memberships may change: each base instant (an event's occurred_at or clock, a
+    transition) plus each duration, a microsecond either side, and a point between each two
+    of these (for changes no edge predicts, such as a decaying score crossing a threshold)."""
+    edges = {b + d for b in bases for d in (timedelta(0), *durations)}
+    points = sorted({e + s for e in edges for s in (-MICRO, timedelta(0), MICRO)
+                     if INSTALL_AT < e + s <= until})
+    middles = [a + (b - a) // 2 for a, b in zip(points, points[1:], strict=False)
+               if b - a > 2 * MICRO]
+    return sorted({*points, *middles})
+
+
+def same_value(engine: Any, expected: Any) -> bool:
+    numbers = (int, float, Decimal)
+    if (isinstance(engine, numbers) and isinstance(expected, numbers)
+            and not isinstance(engine, bool) and not isinstance(expected, bool)):
+        # Scores are stored rounded to 6 decimals.
+        return math.isclose(float(engine), float(expected), rel_tol=1e-9, abs_tol=1e-6)
+    return bool(engine == expected)
+
+
+def check_ledger(scenario: Scenario, world: reference.World, ledger: Sequence[Transition],
+                 final: Mapping[str, set[int]]) -> None:
+    """The ledger alternates enter/exit per (segment, profile), ends in the current state,
+    carries the context of the entry, and replays the reference at every instant that
+    matters: a membership changes exactly at its effective_at, never in between."""
+    definitions = scenario.definitions
+    per_key: dict[tuple[str, int], list[Transition]] = defaultdict(list)
+    for transition in ledger:
+        per_key[(transition.segment, transition.profile_id)].append(transition)
     for (segment, profile_id), changes in per_key.items():
-        history = [(kind, offset(at)) for kind, at in changes]
-        kinds = [k for k, _ in changes]
+        history = [(t.kind, offset(t.effective_at), t.reason) for t in changes]
+        where = f"segment {segment}, profile {profile_id}, ledger {history}"
+        kinds = [t.kind for t in changes]
         assert kinds == ["enter", "exit"] * (len(kinds) // 2) + ["enter"] * (len(kinds) % 2), (
-            f"segment {segment}, profile {profile_id}: transitions do not alternate: {history}")
+            f"{where}: transitions do not alternate")
         assert (kinds[-1] == "enter") == (profile_id in final.get(segment, set())), (
-            f"segment {segment}, profile {profile_id}: ledger {history} disagrees with members")
-        if depends_on_scheduled(definitions, segment):
-            continue
-        for at in sorted({t for _, t in changes}):
-            if at <= INSTALL_AT:
-                continue
-            group = [k for k, t in changes if t == at]
-            before = replace(world, events=[e for e, c in zip(events, clocks, strict=True)
-                                            if c < at])
-            after = replace(world, events=[e for e, c in zip(events, clocks, strict=True)
-                                           if c <= at])
-            # A profile exists from its traits or its first ingested event on.
-            existed = profile_id in traits or any(e.profile_id == profile_id
-                                                  for e in before.events)
-            was = existed and reference.is_member(before, segment, profile_id, at - MICRO)
-            now = reference.is_member(after, segment, profile_id, at)
-            where = f"segment {segment}, profile {profile_id}, ledger {history}"
-            assert was == (group[0] == "exit"), (
-                f"{where}: at {offset(at)} the reference says the profile was "
-                f"{'a member' if was else 'no member'} just before")
-            assert now == (group[-1] == "enter"), (
-                f"{where}: at {offset(at)} the reference says the profile is "
-                f"{'a member' if now else 'no member'}")
+            f"{where}: the last transition disagrees with the current members")
+        instants = [t.effective_at for t in changes]
+        assert instants == sorted(instants), f"{where}: effective_at goes backwards"
+        for entry, leave in zip(changes[::2], changes[1::2], strict=False):
+            assert leave.context == entry.context, f"{where}: context changed before the exit"
+
+    # The state the ledger records at any instant up to the last tick, against the reference
+    # over what the engine had ingested by then (for profiles that existed by then).
+    if not scenario.checks:
+        return
+    until = scenario.checks[-1]
+    clocks = [clock for clock, _ in scenario.deliveries]
+    events = to_events([row for _, row in scenario.deliveries])
+    durations = durations_of(definitions)
+    realtime = [n for n in definitions.segments if not depends_on_scheduled(definitions, n)]
+    profiles = sorted(set(scenario.traits) | {e.profile_id for e in events})
+    for profile_id in profiles:
+        own = [t for t in ledger if t.profile_id == profile_id]
+        bases = {t.effective_at for t in own}
+        bases |= {c for c, e in zip(clocks, events, strict=True) if e.profile_id == profile_id}
+        bases |= {e.occurred_at for e in events if e.profile_id == profile_id}
+        for at in critical_instants(bases, durations, until):
+            known = replace(world, events=[e for e, c in zip(events, clocks, strict=True)
+                                           if c <= at and e.profile_id == profile_id])
+            existed = profile_id in scenario.traits or bool(known.events)
+            for segment in realtime:
+                changes = per_key.get((segment, profile_id), [])
+                recorded = [t for t in changes if t.effective_at <= at]
+                member = bool(recorded) and recorded[-1].kind == "enter"
+                expected = existed and reference.is_member(known, segment, profile_id, at)
+                history = [(t.kind, offset(t.effective_at), t.reason) for t in changes]
+                assert member == expected, (
+                    f"segment {segment}, profile {profile_id} at {offset(at)}: the ledger says "
+                    f"{'member' if member else 'no member'}, the reference "
+                    f"{'member' if expected else 'no member'}; ledger {history}")
+                if recorded and recorded[-1].effective_at == at and member:
+                    context = reference.context_at(known, segment, profile_id, at)
+                    got = recorded[-1].context
+                    assert set(got) == set(context) and all(
+                        same_value(got[k], context[k]) for k in context), (
+                        f"segment {segment}, profile {profile_id} entering at {offset(at)}: "
+                        f"context {got}, reference {context}")
 
 
-def record_statistics(scenario: Scenario, ledger: Sequence[tuple[Any, ...]]) -> None:
+def record_statistics(scenario: Scenario, ledger: Sequence[Transition]) -> None:
     """What the example exercised, for ``--hypothesis-show-statistics``: the reasons in the
     ledger, the parts of the language of segments that moved, and the arrival patterns."""
-    for reason in sorted({row[4] for row in ledger}):
+    for reason in sorted({t.reason for t in ledger}):
         event(f"ledger has {reason} transitions")
-    moving = {row[0] for row in ledger if row[4] in MOVING_REASONS and row[3] > INSTALL_AT}
+    moving = {t.segment for t in ledger
+              if t.reason in MOVING_REASONS and t.effective_at > INSTALL_AT}
     used: set[str] = set()
     for name in moving:
         used |= features(scenario.definitions.segments[name])
@@ -308,7 +391,7 @@ def record_statistics(scenario: Scenario, ledger: Sequence[tuple[Any, ...]]) -> 
     late = {c for c, r in scenario.deliveries if c > r["occurred_at"]}
     early = {(r["profile_id"], r["occurred_at"]) for c, r in scenario.deliveries
              if c < r["occurred_at"]}
-    if any(row[4] == "event" and row[3] in late for row in ledger):
+    if any(t.reason == "event" and t.effective_at in late for t in ledger):
         event("a late event changed a membership")
-    if any(row[4] == "tick" and (row[1], row[3]) in early for row in ledger):
+    if any(t.reason == "tick" and (t.profile_id, t.effective_at) in early for t in ledger):
         event("a future occurred_at came due in a tick")
