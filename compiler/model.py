@@ -325,6 +325,7 @@ class Score:
 
 
 DEFAULT_TIMEOUT = Duration(10 * 1_000_000, "10s")
+DEFAULT_MAX_ATTEMPTS = 8
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,8 @@ class Destination:
     source_file: str | None = None
     description: str | None = None
     raw: dict[str, Any] = dc_field(default_factory=dict, compare=False)
+    # Attempts before a delivery becomes a dead letter.
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
 
 
 def _filters_of(condition: Condition) -> Iterator[EventFilter]:

@@ -27,6 +27,7 @@ from compiler.model import (
     CHANNELS,
     COMPARISON_OPS,
     DEFAULT_AGGREGATE,
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT,
     EVENT_COLUMNS,
     EVENT_TYPE_RE,
@@ -90,7 +91,9 @@ SEGMENT_KEYS = (
     "actions",
 )
 SCORE_KEYS = ("score", "description", "half_life", "weights")
-DESTINATION_KEYS = ("destination", "description", "url", "secret", "channel", "timeout")
+DESTINATION_KEYS = (
+    "destination", "description", "url", "secret", "channel", "timeout", "max_attempts"
+)
 ACTION_KEYS = ("on", "destination", "priority", "payload", "include_backfill")
 CONDITION_HEADS = ("trait", "events", "last", "in_segment", "score", "all", "any", "not")
 CONTEXT_HEADS = ("last", "trait", "events", "score")
@@ -781,6 +784,13 @@ class _Parser:
             timeout = self.duration(doc["timeout"], "timeout")
             if timeout.microseconds > MAX_TIMEOUT_US:
                 self.fail("timeout", "timeout must be at most 5m")
+        max_attempts = DEFAULT_MAX_ATTEMPTS
+        if doc.get("max_attempts") is not None:
+            value = doc["max_attempts"]
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
+                self.fail("max_attempts",
+                          f"max_attempts must be an integer from 1 to 100, got {_describe(value)}")
+            max_attempts = value
         description = self.optional_text(doc, "description")
         return Destination(
             name,
@@ -792,6 +802,7 @@ class _Parser:
             source_file,
             description,
             self.raw(doc),
+            max_attempts,
         )
 
     def raw(self, doc: dict[Any, Any]) -> dict[str, Any]:

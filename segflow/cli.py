@@ -20,6 +20,8 @@ app = typer.Typer(help="Real-time user segmentation for trading CRMs, inside Pos
                   no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database lifecycle.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+deliveries_app = typer.Typer(help="Deliveries of segment actions.", no_args_is_help=True)
+app.add_typer(deliveries_app, name="deliveries")
 console = Console()
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "segments"
@@ -125,13 +127,42 @@ def api_cmd(
 @app.command("worker")
 def worker_cmd(
     tick_interval: Annotated[float, typer.Option(help="seconds between ticks")] = 1.0,
+    poll_interval: Annotated[float, typer.Option(
+        help="longest wait for new deliveries without a notification, in seconds")] = 1.0,
+    concurrency: Annotated[int, typer.Option(help="deliveries sent at once")] = 16,
 ) -> None:
-    """Run the time-driven engine: segflow.tick() every second."""
+    """Deliver segment actions to destinations, and run segflow.tick() every second (only
+    one of several workers ticks)."""
+    import logging
+
+    from api.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     stop = threading.Event()
     try:
-        tick_loop(_url(), stop, tick_interval)
+        run_worker(_url(), stop, tick_interval=tick_interval, poll_interval=poll_interval,
+                   concurrency=concurrency)
     except KeyboardInterrupt:
         stop.set()
+
+
+@deliveries_app.command("retry")
+def deliveries_retry(
+    delivery_id: Annotated[int | None, typer.Argument(help="a dead delivery's id")] = None,
+    all_dead: Annotated[bool, typer.Option("--all-dead", help="replay every dead delivery")]
+    = False,
+) -> None:
+    """Replay dead deliveries (same X-Segflow-Delivery key as before)."""
+    from api.worker import retry_dead
+
+    if (delivery_id is None) == (not all_dead):
+        console.print("[red]error:[/red] give a delivery id or --all-dead", highlight=False)
+        raise typer.Exit(2)
+    n = retry_dead(_url(), None if all_dead else delivery_id)
+    if delivery_id is not None and n == 0:
+        console.print(f"[red]error:[/red] delivery {delivery_id} is not dead", highlight=False)
+        raise typer.Exit(1)
+    console.print(f"{n} deliveries queued again")
 
 
 @app.command("demo")

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from compiler.model import Project, Score, Segment
+from compiler.model import Destination, Project, Score, Segment
 from compiler.parse import load_paths
 from compiler.render import compile_segment, drop_sql
 from segflow.db import fetch_all, fetch_one, query
@@ -135,8 +135,16 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
                                   refresh_s=segment.refresh.seconds if segment.refresh else None,
                                   definition=Jsonb(segment.raw))["segment_id"]
 
+        # Destinations and actions go in before any evaluation, so the transitions written
+        # below (backfill, definition_changed) already see them.
+        _store_destinations(conn, project.destinations.values())
+        for name, segment in project.segments.items():
+            _store_actions(conn, ids[name], segment)
+
         for name in plan.removed:
             segment_id = ids[name]
+            # A removed segment has no actions left: its mass exit is not sent anywhere.
+            conn.execute(query("clear_actions"), {"segment_id": segment_id})
             plan.transitions += fetch_one(conn, "exit_all", segment_id=segment_id, at=at,
                                           reason="segment_removed")["n"]
             conn.execute(query("deactivate_segment"), {"segment_id": segment_id})
@@ -168,6 +176,30 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
                           total, progress)
             plan.transitions += _transition_count(conn) - before
     return plan
+
+
+def _store_destinations(conn: psycopg.Connection[Any],
+                        destinations: Iterable[Destination]) -> None:
+    """Upserts the given destinations and deactivates the others (deliveries refer to them by
+    name, so rows are kept)."""
+    names = []
+    for d in destinations:
+        names.append(d.name)
+        conn.execute(query("upsert_destination"), {
+            "name": d.name, "url": d.url, "channel": d.channel, "secret_env": d.secret_env,
+            "secret_file": d.secret_file, "timeout_s": d.timeout.seconds,
+            "max_attempts": d.max_attempts, "definition": Jsonb(d.raw)})
+    conn.execute(query("deactivate_destinations"), {"keep": names})
+
+
+def _store_actions(conn: psycopg.Connection[Any], segment_id: int, segment: Segment) -> None:
+    conn.execute(query("clear_actions"), {"segment_id": segment_id})
+    for position, action in enumerate(segment.actions):
+        conn.execute(query("insert_action"), {
+            "segment_id": segment_id, "position": position, "on": action.on,
+            "destination": action.destination, "priority": action.priority,
+            "payload": Jsonb(action.payload) if action.payload is not None else None,
+            "include_backfill": action.include_backfill})
 
 
 def _transition_count(conn: psycopg.Connection[Any]) -> int:

@@ -73,3 +73,30 @@ SELECT e.profile_id, e.member, e.context
 FROM batch, segflow_compiled.s0_eval(batch.ids, array_fill(segflow.now(), ARRAY[cardinality(batch.ids)])) e
 WHERE batch.ids IS NOT NULL
 ORDER BY e.profile_id
+
+-- name: upsert_destination --
+INSERT INTO segflow.destinations (name, url, channel, secret_env, secret_file, timeout,
+                                  max_attempts, active, definition, updated_at)
+VALUES (%(name)s, %(url)s, %(channel)s, %(secret_env)s, %(secret_file)s,
+        make_interval(secs => %(timeout_s)s), %(max_attempts)s, true, %(definition)s,
+        segflow.now())
+ON CONFLICT (name) DO UPDATE SET url = excluded.url, channel = excluded.channel,
+    secret_env = excluded.secret_env, secret_file = excluded.secret_file,
+    timeout = excluded.timeout, max_attempts = excluded.max_attempts, active = true,
+    definition = excluded.definition, updated_at = excluded.updated_at
+WHERE (segflow.destinations.definition, segflow.destinations.active)
+      IS DISTINCT FROM (excluded.definition, true)
+
+-- name: deactivate_destinations --
+-- Destinations missing from the applied set; their pending deliveries end as skipped.
+UPDATE segflow.destinations SET active = false, updated_at = segflow.now()
+WHERE active AND NOT (name = ANY (%(keep)s))
+
+-- name: clear_actions --
+DELETE FROM segflow.segment_actions WHERE segment_id = %(segment_id)s
+
+-- name: insert_action --
+INSERT INTO segflow.segment_actions
+    (segment_id, position, on_kind, destination, priority, payload, include_backfill)
+VALUES (%(segment_id)s, %(position)s, %(on)s, %(destination)s, %(priority)s, %(payload)s,
+        %(include_backfill)s)

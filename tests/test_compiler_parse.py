@@ -1343,3 +1343,15 @@ def test_generated_definitions_parse() -> None:
             assert segment_.raw == definitions.segments[name]
 
     check()
+
+
+def test_destination_max_attempts() -> None:
+    doc = {"destination": "crm", "url": "https://crm.example.com/h",
+           "secret": {"env": "CRM_SECRET"}, "channel": "webhook"}
+    d = parse_document(doc)
+    assert isinstance(d, Destination) and d.max_attempts == 8
+    d = parse_document({**doc, "max_attempts": 3})
+    assert isinstance(d, Destination) and d.max_attempts == 3
+    for bad in (0, 101, True, "3"):
+        e = error({**doc, "max_attempts": bad})
+        assert e.path == "max_attempts" and "1 to 100" in e.reason
