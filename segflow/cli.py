@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Annotated
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
@@ -100,19 +103,6 @@ def tick_cmd() -> None:
         console.print(f"{fetch_one(conn, 'tick_now')['n']} transitions")
 
 
-def tick_loop(url: str, stop: threading.Event, interval: float = 1.0) -> None:
-    """segflow.tick() every `interval` seconds, reconnecting after errors, until `stop`."""
-    while not stop.is_set():
-        try:
-            with connect(url, autocommit=True) as conn:
-                while not stop.is_set():
-                    fetch_one(conn, "tick_now")
-                    stop.wait(interval)
-        except psycopg.Error as error:
-            console.print(f"tick: {error}; retrying", highlight=False)
-            stop.wait(interval)
-
-
 @app.command("api")
 def api_cmd(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
@@ -165,6 +155,17 @@ def deliveries_retry(
     console.print(f"{n} deliveries queued again")
 
 
+def receive_webhooks(stop: threading.Event, port: int = 8080) -> None:
+    """The demo's webhook receiver: examples/webhook_receiver.py, its output in a log file."""
+    log = Path(tempfile.gettempdir()) / "segflow-demo-webhooks.log"
+    with open(log, "ab") as out, subprocess.Popen(
+        [sys.executable, str(EXAMPLES.parent / "webhook_receiver.py"), "--port", str(port)],
+        stdout=out, stderr=subprocess.STDOUT,
+    ) as receiver:
+        stop.wait()
+        receiver.terminate()
+
+
 @app.command("demo")
 def demo_cmd(
     rate: Annotated[float, typer.Option(help="events per second")] = 20.0,
@@ -173,6 +174,7 @@ def demo_cmd(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """The main job: database, migrations, example segments, a live trader feed, tick, API."""
+    from api.worker import run_worker
     from segflow.demo import ThreadComponent, run_demo
     from segflow.install import apply
     from segflow.migrate import upgrade
@@ -183,7 +185,10 @@ def demo_cmd(
     with connect(url) as conn:
         plan = apply(conn, [EXAMPLES])
     console.print(f"segments: {', '.join(plan.new + plan.changed + plan.unchanged)}")
-    components = [ThreadComponent("tick", lambda stop: tick_loop(url, stop))]
+    # The example destination posts to a local receiver that checks the signatures.
+    os.environ.setdefault("SEGFLOW_ACCOUNT_REVIEW_SECRET", "demo-secret")
+    components = [ThreadComponent("receiver", receive_webhooks),
+                  ThreadComponent("worker", lambda stop: run_worker(url, stop))]
 
     def serve_api(stop: threading.Event) -> None:
         import uvicorn

@@ -138,6 +138,7 @@ class DemoSummary:
     profiles: int = 0
     merges: int = 0
     dead_letters: int = 0
+    delivered: int = 0
     elapsed: float = 0.0
     failed_batches: int = 0
     history: int = 0
@@ -213,10 +214,13 @@ def _refresh(conn: psycopg.Connection[Any], summary: DemoSummary) -> list[Transi
     row = conn.execute(
         "SELECT (SELECT count(*) FROM segflow.profiles WHERE merged_into IS NULL),"
         " (SELECT count(*) FROM segflow.profile_merges),"
-        " (SELECT count(*) FROM segflow.dead_letters)"
+        " (SELECT count(*) FROM segflow.dead_letters),"
+        " (SELECT count(*) FILTER (WHERE status = 'delivered') FROM segflow.deliveries)"
     ).fetchone()
     if row:
-        summary.profiles, summary.merges, summary.dead_letters = (int(v) for v in row)
+        summary.profiles, summary.merges, summary.dead_letters, summary.delivered = (
+            int(v) for v in row
+        )
     segments: dict[str, SegmentStats] = {}
     for name, mode, members in conn.execute(_SEGMENTS):
         stats = summary.segments.get(name) or SegmentStats(mode)
@@ -278,7 +282,9 @@ def _render(
         (f"{summary.merges:,}", "bold"),
         " merges  ·  ",
         (f"{summary.dead_letters:,}", "bold red" if summary.dead_letters else "bold"),
-        " dead letters",
+        " dead letters  ·  ",
+        (f"{summary.delivered:,}", "bold"),
+        " webhooks delivered",
     )
     if summary.lag > LAGGING:
         head.append(f"  ·  ingest {summary.lag:,.1f} s behind", style="bold red")
@@ -335,7 +341,8 @@ def _line(summary: DemoSummary) -> str:
     return (
         f"{summary.elapsed:6.0f}s  {summary.events:,} events ({summary.rate:,.1f}/s{behind}: "
         f"{top})  {summary.profiles:,} profiles  {summary.merges:,} merges  "
-        f"{summary.dead_letters:,} dead letters  {summary.transitions:,} transitions"
+        f"{summary.dead_letters:,} dead letters  {summary.transitions:,} transitions  "
+        f"{summary.delivered:,} webhooks delivered"
         f"  |  members: {members}"
     )
 
