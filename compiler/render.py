@@ -53,7 +53,10 @@ TEMPLATES = jinja2.Environment(
 )
 
 EVENTS = "segflow.events_stored"
-UNDERFLOW_HALVINGS = 1075
+# An event stops counting in a score this many half-lives after it occurred (its term is
+# then below 2^-1000 of its weight): an exact instant instead of float underflow, where
+# the last bits of a denormal sum would decide when a score reaches 0.
+FORGOTTEN_AFTER_HALF_LIVES = 1000
 
 
 def lit(value: Any) -> str:
@@ -257,9 +260,8 @@ class _Builder:
         weights = ", ".join(f"({lit(t)}, {lit(float(w))}::float8)" for t, w in score.weights)
         half_life = lit(score.half_life.microseconds / 1_000_000)
         halvings = f"(extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)"
-        # 2^-1075 rounds to 0.0 in float8, where power() would raise an underflow error.
         return (
-            f"SELECT coalesce(sum(w.weight * CASE WHEN {halvings} >= {UNDERFLOW_HALVINGS} "
+            f"SELECT coalesce(sum(w.weight * CASE WHEN {halvings} >= {FORGOTTEN_AFTER_HALF_LIVES} "
             f"THEN 0::float8 ELSE power(2::float8, -{halvings}) END), 0)::float8 AS v, "
             f"max(e.occurred_at) AS last_at "
             f"FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
@@ -325,8 +327,8 @@ class _Builder:
             crossing = self.score_crossing(
                 cond.comparison, f"{lit(half_life.microseconds / 1_000_000)}::float8"
             )
-            # The score becomes exactly 0.0 once every term has underflowed.
-            zero = after(f"s.last_at + {UNDERFLOW_HALVINGS} * {interval(half_life)}")
+            # The score becomes exactly 0 once every event is forgotten.
+            zero = after(f"s.last_at + {FORGOTTEN_AFTER_HALF_LIVES} * {interval(half_life)}")
             alias = self.add(
                 f"SELECT s.v, least({crossing}, {zero}) AS nx FROM ({self.score_sum(cond.name)}) s"
             )

@@ -427,6 +427,9 @@ def score_value(world: World, score_name: str, profile_id: int, at: datetime) ->
         if not _is_number(weight):
             raise DefinitionError(f"score {score_name}: weight must be a number: {weight!r}")
         age = (at - event.occurred_at).total_seconds()
+        # DECIDED: an event stops counting 1000 half-lives after it occurred.
+        if age / half_life >= 1000:
+            continue
         total += float(weight) * 2.0 ** (-age / half_life)
     return total
 
