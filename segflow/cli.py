@@ -212,6 +212,27 @@ def demo_cmd(
     time.sleep(0.1)
 
 
+@app.command("bench")
+def bench_cmd(
+    scenario: Annotated[str, typer.Argument(help="ingest, tick, history or all")],
+    scale: Annotated[str, typer.Option(help="small (seconds), medium (minutes), full")] = "medium",
+    output: Annotated[Path | None, typer.Option(help="markdown file for the figures")] = Path(
+        "BENCHMARKS.md"),
+    max_load: Annotated[float | None, typer.Option(
+        help="wait (up to 20 minutes) until the 1-minute load average is below this")] = None,
+) -> None:
+    """Run benchmarks in a scratch database `segflow_bench` on the configured server."""
+    import bench
+
+    names = list(bench.SCENARIOS) if scenario == "all" else [scenario]
+    chosen = next((s for s in bench.SCALES if s == scale), None)
+    if any(n not in bench.SCENARIOS for n in names) or chosen is None:
+        console.print(f"[red]error:[/red] scenario is one of {', '.join(bench.SCENARIOS)}, all;"
+                      f" scale one of {', '.join(bench.SCALES)}", highlight=False)
+        raise typer.Exit(2)
+    bench.run(names, chosen, _url(), output, console, max_load=max_load)
+
+
 def main() -> None:
     app()
 

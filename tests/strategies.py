@@ -306,10 +306,9 @@ def check_times(
     """Increasing checkpoint instants over the event range and beyond; some on the grid, some
     a microsecond off. With ``anchors`` (e.g. the events' occurred_at) many fall on an
     anchor plus one of the language's durations."""
-    points = st.lists(
-        _checkpoint(tuple(anchors)), min_size=min_size, max_size=max_size, unique=True
-    )
-    return points.map(sorted)
+    # Duplicates are dropped rather than redrawn: a unique list often gives up on them.
+    points = st.lists(_checkpoint(tuple(anchors)), min_size=min_size, max_size=max_size)
+    return points.map(lambda instants: sorted(set(instants)))
 
 
 # --- comparisons -------------------------------------------------------------------------
@@ -494,11 +493,12 @@ def lively_conditions(
     """A leaf that holds often and changes as time passes or events arrive: recent events,
     the age of the latest one, ``max_age``, sessions, counts, ``since_last``, decaying
     scores, other segments."""
-    kinds = ["recent", "age", "fresh", "session", "count", "since_last", "aggregate"]
+    kinds = ["recent", "age", "fresh", "session", "count", "since_last", "aggregate",
+             "fresh", "recent", "age", "aggregate", "session", "since_last"]
     if score_names:
-        kinds += ["score", "score"]
+        kinds += ["score"] * 4
     if names_available:
-        kinds += ["in_segment", "in_segment", "in_segment"]
+        kinds += ["in_segment"] * 4
     kind = draw(st.sampled_from(kinds))
     event_type = draw(_one_type(types))
     duration = draw(st.sampled_from(LIVELY_DURATIONS))
@@ -593,9 +593,12 @@ def rules(
     depth: int = 2,
     types: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """A segment's rule: mostly a lively leaf, a short all/any, a negation of one or one
-    behind a trait gate, and sometimes a random tree of up to ``depth`` levels."""
-    shapes = ("leaf", "pair", "leaf", "tree", "not", "pair", "tree", "leaf", "gated")
+    """A segment's rule: mostly a lively leaf, a short all/any, a negation of one, one
+    behind a trait gate or next to another segment, and sometimes a random tree of up to
+    ``depth`` levels."""
+    shapes = ["leaf", "pair", "leaf", "tree", "not", "pair", "tree", "leaf", "gated"]
+    if names_available:
+        shapes += ["chain", "chain"]
     shape = draw(st.sampled_from(shapes))
     lively = lively_conditions(names_available, score_names, types)
     if shape == "leaf":
@@ -605,6 +608,11 @@ def rules(
     if shape == "gated":
         gate = draw(st.sampled_from(TRAIT_GATES))
         return {draw(st.sampled_from(("all", "any"))): [draw(lively), gate]}
+    if shape == "chain":
+        other: dict[str, Any] = {"in_segment": draw(st.sampled_from(tuple(names_available)))}
+        if draw(st.booleans()):
+            other = {"not": other}
+        return {draw(st.sampled_from(("all", "any"))): [other, draw(lively)]}
     if shape == "pair":
         child = st.one_of(lively, conditions(names_available, score_names, 0, types))
         return {draw(st.sampled_from(("all", "any"))): draw(st.lists(child, min_size=2,
@@ -724,7 +732,8 @@ def definition_sets(
     """Scores and segments that refer to each other without cycles; event filters mostly
     name ``types`` (the types that occur) when given."""
     scores: dict[str, dict[str, Any]] = {}
-    for _ in range(draw(st.integers(0, max_scores))):
+    # Mostly one score or more, so score conditions come up.
+    for _ in range(draw(st.sampled_from((0, *range(1, max_scores + 1), 1)))):
         name = draw(_fresh_name(SCORE_NAMES, set(scores)))
         scores[name] = draw(score_definitions(name, types))
     segments: dict[str, dict[str, Any]] = {}

@@ -3,9 +3,14 @@
 Every example installs random definitions drawn from the whole language, ingests a random
 event stream with the engine clock following ingestion (events arrive on time, late, or early
 with a future occurred_at that must come due by itself), ticks at random checkpoints and
-compares, at each checkpoint, every segment's members with the reference. At the end the
-ledger must alternate enter/exit per (segment, profile), end in the current state, and every
-change must have happened exactly at its effective_at.
+compares every segment's members with the reference at each checkpoint. Then the ledger is
+replayed: per (segment, profile) it must alternate enter/exit, end in the current state and
+keep the entry's context until the exit; and at every instant where a membership may change
+(event instants, clocks, transitions, each plus every duration of the definitions, a
+microsecond either side) it must record what the reference says, with the context the
+reference computes at each entry.
+
+Run with ``--hypothesis-show-statistics`` to see what the examples exercised.
 """
 
 from __future__ import annotations
@@ -60,6 +65,16 @@ def offset(at: datetime) -> str:
     hours, rest = divmod(delta.days * 86400 + delta.seconds, 3600)
     text = f"{sign}{hours}:{rest // 60:02}:{rest % 60:02}"
     return f"{text}.{delta.microseconds:06}" if delta.microseconds else text
+
+
+@dataclass(frozen=True)
+class Transition:
+    segment: str
+    profile_id: int
+    kind: str
+    effective_at: datetime
+    reason: str
+    context: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -196,7 +211,7 @@ def features(definition: Mapping[str, Any]) -> set[str]:
 
 
 @pytest.mark.timeout(1800)
-@settings(max_examples=int(os.environ.get("SEGFLOW_DIFFERENTIAL_EXAMPLES", "60")), deadline=None,
+@settings(max_examples=int(os.environ.get("SEGFLOW_DIFFERENTIAL_EXAMPLES", "100")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(scenario=scenarios())
@@ -265,16 +280,6 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Scena
     check_ledger(scenario, world, ledger, db_members(conn))
 
 
-@dataclass(frozen=True)
-class Transition:
-    segment: str
-    profile_id: int
-    kind: str
-    effective_at: datetime
-    reason: str
-    context: dict[str, Any]
-
-
 def durations_of(definitions: DefinitionSet) -> set[timedelta]:
     """Every duration written in the definitions, and the session timeout."""
     found = {reference.World([], {}, {}, {}).session_timeout}
@@ -294,23 +299,32 @@ def durations_of(definitions: DefinitionSet) -> set[timedelta]:
     return found
 
 
-def critical_instants(bases: set[datetime], durations: set[timedelta], until: datetime,
+def critical_instants(occurred: set[datetime], others: set[datetime],
+                      durations: set[timedelta], until: datetime, middles: bool,
                       ) -> list[datetime]:
-    """Where memberships may change: each base instant (an event's occurred_at or clock, a
-    transition) plus each duration, a microsecond either side, and a point between each two
-    of these (for changes no edge predicts, such as a decaying score crossing a threshold)."""
-    edges = {b + d for b in bases for d in (timedelta(0), *durations)}
-    points = sorted({e + s for e in edges for s in (-MICRO, timedelta(0), MICRO)
-                     if INSTALL_AT < e + s <= until})
-    middles = [a + (b - a) // 2 for a, b in zip(points, points[1:], strict=False)
+    """Where a membership may change: at an instant of ``others`` (clocks, transitions) or
+    ``occurred`` (occurred_at), or a duration after one of ``occurred`` (windows, ages,
+    max_age, sessions), each with the microsecond before and after. With ``middles`` also a
+    point between each two of these, for changes no edge predicts (a decaying score crossing
+    a threshold)."""
+    edges = {o + d for o in occurred for d in durations}
+    points = {e + s for e in edges for s in (-MICRO, timedelta(0), MICRO)}
+    points |= {b + s for b in occurred | others for s in (-MICRO, timedelta(0))}
+    ordered = sorted(p for p in points if INSTALL_AT < p <= until)
+    if not middles:
+        return ordered
+    between = [a + (b - a) // 2 for a, b in zip(ordered, ordered[1:], strict=False)
                if b - a > 2 * MICRO]
-    return sorted({*points, *middles})
+    return sorted({*ordered, *between})
 
 
 def same_value(engine: Any, expected: Any) -> bool:
+    """JSON equality of a context value, numbers within rounding."""
+    if isinstance(engine, bool) or isinstance(expected, bool):
+        # Python takes True for 1; JSON does not.
+        return type(engine) is type(expected) and engine == expected
     numbers = (int, float, Decimal)
-    if (isinstance(engine, numbers) and isinstance(expected, numbers)
-            and not isinstance(engine, bool) and not isinstance(expected, bool)):
+    if isinstance(engine, numbers) and isinstance(expected, numbers):
         # Scores are stored rounded to 6 decimals.
         return math.isclose(float(engine), float(expected), rel_tol=1e-9, abs_tol=1e-6)
     return bool(engine == expected)
@@ -348,32 +362,39 @@ def check_ledger(scenario: Scenario, world: reference.World, ledger: Sequence[Tr
     durations = durations_of(definitions)
     realtime = [n for n in definitions.segments if not depends_on_scheduled(definitions, n)]
     profiles = sorted(set(scenario.traits) | {e.profile_id for e in events})
+    scored = any("score" in features(definitions.segments[n]) for n in realtime)
     for profile_id in profiles:
-        own = [t for t in ledger if t.profile_id == profile_id]
-        bases = {t.effective_at for t in own}
-        bases |= {c for c, e in zip(clocks, events, strict=True) if e.profile_id == profile_id}
-        bases |= {e.occurred_at for e in events if e.profile_id == profile_id}
-        for at in critical_instants(bases, durations, until):
-            known = replace(world, events=[e for e, c in zip(events, clocks, strict=True)
-                                           if c <= at and e.profile_id == profile_id])
+        mine = [(e, c) for e, c in zip(events, clocks, strict=True) if e.profile_id == profile_id]
+        occurred = {e.occurred_at for e, _ in mine}
+        others = {c for _, c in mine} | {t.effective_at for t in ledger
+                                         if t.profile_id == profile_id}
+        for at in critical_instants(occurred, others, durations, until, scored):
+            known = replace(world, events=[e for e, c in mine if c <= at])
             existed = profile_id in scenario.traits or bool(known.events)
             for segment in realtime:
                 changes = per_key.get((segment, profile_id), [])
                 recorded = [t for t in changes if t.effective_at <= at]
                 member = bool(recorded) and recorded[-1].kind == "enter"
                 expected = existed and reference.is_member(known, segment, profile_id, at)
-                history = [(t.kind, offset(t.effective_at), t.reason) for t in changes]
                 assert member == expected, (
                     f"segment {segment}, profile {profile_id} at {offset(at)}: the ledger says "
                     f"{'member' if member else 'no member'}, the reference "
-                    f"{'member' if expected else 'no member'}; ledger {history}")
-                if recorded and recorded[-1].effective_at == at and member:
-                    context = reference.context_at(known, segment, profile_id, at)
-                    got = recorded[-1].context
-                    assert set(got) == set(context) and all(
-                        same_value(got[k], context[k]) for k in context), (
-                        f"segment {segment}, profile {profile_id} entering at {offset(at)}: "
-                        f"context {got}, reference {context}")
+                    f"{'member' if expected else 'no member'}; ledger "
+                    f"{[(t.kind, offset(t.effective_at), t.reason) for t in changes]}")
+                last = recorded[-1] if recorded else None
+                if last is None or last.effective_at != at or last.kind != "enter":
+                    continue
+                # Context is what the entering evaluation saw: a tick's (and a new profile's)
+                # comes before the events ingested at that very clock.
+                if last.reason in ("tick", "trait"):
+                    seen = replace(world, events=[e for e, c in mine if c < at])
+                else:
+                    seen = known
+                context = reference.context_at(seen, segment, profile_id, at)
+                assert set(last.context) == set(context) and all(
+                    same_value(last.context[k], context[k]) for k in context), (
+                    f"segment {segment}, profile {profile_id} entering at {offset(at)} "
+                    f"({last.reason}): context {last.context}, reference {context}")
 
 
 def record_statistics(scenario: Scenario, ledger: Sequence[Transition]) -> None:

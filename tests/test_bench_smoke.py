@@ -1,0 +1,72 @@
+"""The benchmarks' code keeps working: every scenario at its small scale.
+
+These check that the scenarios run and report figures; they assert nothing about speed.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from rich.console import Console
+
+from bench import run_scenario
+from bench.common import Report, write_section
+from bench.segments import KINDS, generate, kind_of
+from compiler.parse import build_project, parse_document
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def test_generated_definitions_are_valid_and_mixed() -> None:
+    docs = generate(500)
+    project = build_project([parse_document(d) for d in docs])
+    assert len(project.segments) == 500 and "engagement" in project.scores
+    kinds = {kind_of(name) for name in project.segments}
+    assert {k for k, _ in KINDS} | {"of_segments"} == kinds
+    # Every kind already in the first ten; the same seed gives the same definitions.
+    assert {kind_of(str(d["name"])) for d in docs[:10]} == {k for k, _ in KINDS}
+    assert generate(100) == docs[:100] + [docs[-1]]
+
+
+def test_write_section_replaces_only_its_own_block(tmp_path: Path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nhand-written analysis\n")
+    first = Report("tick", "small", "Tick")
+    first.table("t", ["a"]).rows.append(["1"])
+    write_section(path, first)
+    second = Report("tick", "small", "Tick")
+    second.table("t", ["a"]).rows.append(["2"])
+    write_section(path, second)
+    write_section(path, Report("ingest", "small", "Ingest"))
+    text = path.read_text()
+    assert "hand-written analysis" in text
+    assert text.count("bench:tick:small:begin") == 1 and "| 2 |" in text and "| 1 |" not in text
+    assert "bench:ingest:small:begin" in text
+
+
+def test_ingest_small(db_url: str) -> None:
+    report = run_scenario("ingest", db_url, "small", quiet())
+    for variant in ("raw (engine off)", "plain table", "engine, 0 segments",
+                    "engine, 10 segments"):
+        for method in ("COPY", "INSERT"):
+            assert report.figures[f"{variant} {method} ev/s"] > 0
+    for method in ("COPY", "INSERT"):
+        engine = report.figures[f"evaluations_10_{method}"]
+        assert engine >= report.figures[f"evaluations_needed_10_{method}"] > 0
+    assert "Where the time goes" in report.markdown()
+
+
+def test_tick_small(db_url: str) -> None:
+    report = run_scenario("tick", db_url, "small", quiet())
+    # The backlog is the same at every step: all of it is applied, whatever the book size.
+    assert report.figures["changes_300"] == report.figures["changes_600"] == 400
+    assert report.figures["tick_ms_600"] > 0
+
+
+def test_history_small(db_url: str) -> None:
+    report = run_scenario("history", db_url, "small", quiet())
+    assert report.figures["median_ms_10"] > 0 and report.figures["median_ms_300"] > 0
+    assert "Time per event" in report.markdown()
