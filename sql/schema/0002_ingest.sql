@@ -309,23 +309,20 @@ BEGIN
             USING ERRCODE = 'foreign_key_violation', COLUMN = 'profile_id';
     END IF;
 
+    -- One pass over the batch, grouped by position.
     SELECT array_agg(r.profile_id ORDER BY r.ord) INTO v_result
     FROM (
-        SELECT u.ord,
-               CASE WHEN u.pid IS NOT NULL THEN
+        SELECT x.ord,
+               CASE WHEN x.pid IS NOT NULL THEN
                         (SELECT coalesce(p.merged_into, p.profile_id)
-                         FROM segflow.profiles p WHERE p.profile_id = u.pid)
-                    ELSE f.profile_id END AS profile_id
-        FROM unnest(p_identifiers, p_profile_ids) WITH ORDINALITY u(idents, pid, ord)
-        LEFT JOIN (
-            SELECT x.ord, min(i.profile_id) AS profile_id
-            FROM unnest(p_identifiers, p_profile_ids) WITH ORDINALITY x(idents, pid, ord)
-            CROSS JOIN jsonb_each_text(x.idents) k
-            LEFT JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value
-            WHERE x.pid IS NULL
-            GROUP BY x.ord
-            HAVING count(*) = count(i.profile_id) AND min(i.profile_id) = max(i.profile_id)
-        ) f ON f.ord = u.ord
+                         FROM segflow.profiles p WHERE p.profile_id = x.pid)
+                    WHEN count(k.key) > 0 AND count(k.key) = count(i.profile_id)
+                         AND min(i.profile_id) = max(i.profile_id)
+                    THEN min(i.profile_id) END AS profile_id
+        FROM unnest(p_identifiers, p_profile_ids) WITH ORDINALITY x(idents, pid, ord)
+        LEFT JOIN LATERAL jsonb_each_text(x.idents) k ON x.pid IS NULL
+        LEFT JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value
+        GROUP BY x.ord, x.pid
     ) r;
 
     -- Locks in one ascending round each, identifiers before profiles, as every statement
