@@ -53,12 +53,16 @@ class HistoryScale:
     lengths: tuple[int, ...]  # events in the windows, one profile each
     events: int  # new events measured per profile
     segment_count: int
+    # Then day partitions back this many days (retention keeps everything by default, and
+    # windows may reach back 400 days) and this many more events per profile.
+    partition_days: int
+    more_events: int
 
 
 SCALES: dict[Scale, HistoryScale] = {
-    "small": HistoryScale((10, 300), 8, 10),
-    "medium": HistoryScale((10, 1_000, 100_000), 150, 10),
-    "full": HistoryScale((10, 1_000, 100_000), 300, 100),
+    "small": HistoryScale((10, 300), 8, 10, 45, 3),
+    "medium": HistoryScale((10, 1_000, 100_000), 150, 10, 400, 30),
+    "full": HistoryScale((10, 1_000, 100_000), 300, 100, 400, 100),
 }
 
 
@@ -102,12 +106,17 @@ def _history_times(length: int) -> Iterator[tuple[dt.datetime, int]]:
 
 
 @dataclass
+class Phase:
+    times: list[float] = field(default_factory=list)
+    stats: FunctionStats = field(default_factory=dict)
+
+
+@dataclass
 class Profile:
     length: int
     profile_id: int
     crm_id: str
-    times: list[float] = field(default_factory=list)
-    stats: FunctionStats = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=lambda: [Phase(), Phase()])
 
 
 def _load(conn: psycopg.Connection[Any], lengths: tuple[int, ...], rnd: random.Random
@@ -128,6 +137,41 @@ def _load(conn: psycopg.Connection[Any], lengths: tuple[int, ...], rnd: random.R
     assert len(rows[0]) == len(RAW_COLUMNS)
     trusted_copy(conn, rows)
     return profiles
+
+
+def _session(conn: psycopg.Connection[Any], profiles: list[Profile], phase: int,
+             session: list[tuple[str, dict[str, Any], float | None]], first: int,
+             warmup: int, tracked: bool) -> None:
+    """Events ``first…`` of the session for every profile in turn, one INSERT + COMMIT each;
+    times and function statistics after the first ``warmup`` go to ``phase``."""
+    watch = Stopwatch()
+    for k, (event_type, props, amount) in enumerate(session, start=first):
+        at = START + k * STEP
+        set_clock(conn, at)
+        for p in profiles:
+            statement = insert_statement(
+                "segflow.events", EVENT_COLUMNS,
+                [(event_type, at, {"crm_id": p.crm_id}, amount,
+                  "USD" if amount is not None else None, props, "bench",
+                  f"m{p.profile_id}-{k}")])
+            if tracked:
+                # The transaction's function counters start from zero only once the
+                # earlier ones are flushed (they are kept per backend until then).
+                conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.execute("BEGIN")
+            watch.seconds = 0.0
+            with watch.running():
+                conn.execute(statement)
+            counted = k - first >= warmup
+            target = p.phases[phase]
+            if tracked and counted:
+                for name, (calls, total, self_ms) in _xact_stats(conn).items():
+                    c0, t0, s0 = target.stats.get(name, (0, 0.0, 0.0))
+                    target.stats[name] = (c0 + calls, t0 + total, s0 + self_ms)
+            with watch.running():
+                conn.execute("COMMIT")
+            if counted:
+                target.times.append(watch.seconds)
 
 
 def _xact_stats(conn: psycopg.Connection[Any]) -> FunctionStats:
@@ -157,36 +201,19 @@ def run(url: str, scale: Scale, console: Console) -> Report:
                      (START, START + dt.timedelta(days=1)))
         vacuum_analyze(conn)
         tracked = track_functions(conn)
-        watch = Stopwatch()
         # Every profile gets the same session: same types, same instants.
-        session = [_event(rnd, position) for position in range(cfg.events)]
+        session = [_event(rnd, position) for position in range(cfg.events + cfg.more_events)]
         # The first events of a session plan every compiled query: not counted.
         warmup = max(1, cfg.events // 10)
-        for k, (event_type, props, amount) in enumerate(session):
-            at = START + k * STEP
-            set_clock(conn, at)
-            for p in profiles:
-                statement = insert_statement(
-                    "segflow.events", EVENT_COLUMNS,
-                    [(event_type, at, {"crm_id": p.crm_id}, amount,
-                      "USD" if amount is not None else None, props, "bench",
-                      f"m{p.profile_id}-{k}")])
-                if tracked:
-                    # The transaction's function counters start from zero only once the
-                    # earlier ones are flushed (they are kept per backend until then).
-                    conn.execute("SELECT pg_stat_force_next_flush()")
-                conn.execute("BEGIN")
-                watch.seconds = 0.0
-                with watch.running():
-                    conn.execute(statement)
-                if tracked and k >= warmup:
-                    for name, (calls, total, self_ms) in _xact_stats(conn).items():
-                        c0, t0, s0 = p.stats.get(name, (0, 0.0, 0.0))
-                        p.stats[name] = (c0 + calls, t0 + total, s0 + self_ms)
-                with watch.running():
-                    conn.execute("COMMIT")
-                if k >= warmup:
-                    p.times.append(watch.seconds)
+        _session(conn, profiles, 0, session[:cfg.events], 0, warmup, tracked)
+        # The same book after a longer life: its day partitions, empty but for the last 29
+        # days (the same events, only more partitions).
+        conn.execute("SELECT segflow.ensure_partitions(%s, %s)",
+                     (START - dt.timedelta(days=cfg.partition_days), START))
+        partitions = conn.execute(
+            "SELECT count(*) FROM pg_inherits "
+            "WHERE inhparent = 'segflow.events_stored'::regclass").fetchone()
+        _session(conn, profiles, 1, session[cfg.events:], cfg.events, 1, tracked)
         stored = {r[0]: r[1] for r in conn.execute(
             "SELECT profile_id, count(*) FROM segflow.events_stored GROUP BY 1")}
 
@@ -196,40 +223,59 @@ def run(url: str, scale: Scale, console: Console) -> Report:
         f"history: one gold trader per length, events in the 29 days before the session, "
         f"sessions of up to {SESSION} events {STEP.seconds} s apart; then "
         f"{cfg.events} new events each, one single-row INSERT + COMMIT per event, "
-        f"profiles taking turns; the first {max(1, cfg.events // 10)} (plans being cached) "
-        "not counted",
+        f"profiles taking turns; the first {warmup} (plans being cached) not counted",
+        f"then day partitions back {cfg.partition_days} days are created (empty: what a "
+        "book that old keeps without retention) and the session goes on for "
+        f"{cfg.more_events} more events each (the first not counted)",
         f"USD rates as the feed's ({', '.join(FX_USD_PER_UNIT)}); all amounts in USD",
     ]
     table = report.table(
         "Time per event (INSERT + COMMIT)",
         ["events in history", "stored after", "median ms", "mean ms", "p90 ms",
          "median vs shortest", "mean vs shortest"])
-    base = median(profiles[0].times)
-    base_mean = sum(profiles[0].times) / len(profiles[0].times)
+    base = median(profiles[0].phases[0].times)
+    base_mean = _mean(profiles[0].phases[0].times)
     for p in profiles:
-        ordered = sorted(p.times)
-        med = median(p.times)
-        mean = sum(p.times) / len(p.times)
+        times = p.phases[0].times
+        ordered = sorted(times)
+        med = median(times)
         table.rows.append([f"{p.length:,}", f"{stored.get(p.profile_id, 0):,}",
-                           fmt_ms(med * 1000), fmt_ms(mean * 1000),
+                           fmt_ms(med * 1000), fmt_ms(_mean(times) * 1000),
                            fmt_ms(ordered[int(0.9 * (len(ordered) - 1))] * 1000),
-                           f"{med / base:.2f}×", f"{mean / base_mean:.2f}×"])
+                           f"{med / base:.2f}×", f"{_mean(times) / base_mean:.2f}×"])
         report.figures[f"median_ms_{p.length}"] = med * 1000
-        report.figures[f"mean_ms_{p.length}"] = mean * 1000
+        report.figures[f"mean_ms_{p.length}"] = _mean(times) * 1000
+    n_partitions = int(partitions[0]) if partitions else 0
+    wide = report.table(
+        f"The same session once {n_partitions} day partitions exist",
+        ["events in history", "median ms", "mean ms", "mean vs 29 days of partitions"])
+    for p in profiles:
+        times = p.phases[1].times
+        wide.rows.append([f"{p.length:,}", fmt_ms(median(times) * 1000),
+                          fmt_ms(_mean(times) * 1000),
+                          f"{_mean(times) / _mean(p.phases[0].times):.1f}×"])
+        report.figures[f"wide_mean_ms_{p.length}"] = _mean(times) * 1000
     if tracked:
-        per_event = 1.0 / len(profiles[0].times)
-        grouped = {p.length: grouped_self_ms(p.stats) for p in profiles}
+        grouped = {p.length: grouped_self_ms(p.phases[0].stats) for p in profiles}
         groups = sorted({g for by in grouped.values() for g in by})
         where = report.table("Where the time goes (ms per event, function self time)",
                              ["part", *[f"{p.length:,}" for p in profiles]])
         for group in groups:
-            where.rows.append([group, *[fmt_ms(grouped[p.length].get(group, 0.0) * per_event)
-                                        for p in profiles]])
+            where.rows.append([group, *[
+                fmt_ms(grouped[p.length].get(group, 0.0) / len(p.phases[0].times))
+                for p in profiles]])
         kinds = report.table(
-            "Compiled evaluation by segment kind (ms per event, total time incl. sessions)",
-            ["segment", *[f"{p.length:,}" for p in profiles]])
+            "Compiled evaluation per segment (ms per event, total time incl. sessions; "
+            f"last columns: with {n_partitions} day partitions)",
+            ["segment", *[f"{p.length:,}" for p in profiles],
+             *[f"{p.length:,}, {n_partitions} p." for p in profiles]])
         for function, name in sorted(names.items(), key=lambda kv: kv[1]):
-            cells = [fmt_ms(p.stats.get(function, (0, 0.0, 0.0))[1] * per_event)
-                     for p in profiles]
+            cells = [fmt_ms(p.phases[phase].stats.get(function, (0, 0.0, 0.0))[1]
+                            / len(p.phases[phase].times))
+                     for phase in (0, 1) for p in profiles]
             kinds.rows.append([name, *cells])
     return report
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -69,4 +69,5 @@ def test_tick_small(db_url: str) -> None:
 def test_history_small(db_url: str) -> None:
     report = run_scenario("history", db_url, "small", quiet())
     assert report.figures["median_ms_10"] > 0 and report.figures["median_ms_300"] > 0
+    assert report.figures["wide_mean_ms_10"] > 0
     assert "Time per event" in report.markdown()
