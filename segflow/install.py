@@ -229,6 +229,8 @@ def preview(conn: psycopg.Connection[Any], path: str | Path, *, sample: int = 10
     name = names[0]
     segment = project.segments[name]
     with conn.transaction(force_rollback=True):
+        # Like the engine's entry points: JIT would spend far longer compiling than running.
+        conn.execute("SET LOCAL jit = off")
         ids = {r["name"]: r["segment_id"] for r in fetch_all(conn, "installed_segments")}
         ids[name] = 0  # a function name no installed segment uses; rolled back below
         compiled = compile_segment(segment, ids, project.scores, "")
