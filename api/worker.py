@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from compiler import payload as payload_templates
 from segflow.db import connect
 
 log = logging.getLogger("segflow.worker")
@@ -110,13 +111,27 @@ def retry_after_seconds(value: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
+def render_body(row: dict[str, Any]) -> dict[str, Any]:
+    """The claimed body with its payload templates rendered (raises `PayloadError`)."""
+    body: dict[str, Any] = row["body"]
+    if body.get("payload") is None:
+        return body
+    values = payload_templates.variables(body, row["destination"])
+    return {**body, "payload": payload_templates.render(body["payload"], values)}
+
+
 def send(client: httpx.Client, row: dict[str, Any]) -> Outcome:
     """One attempt of one claimed delivery."""
+    try:
+        rendered = render_body(row)
+    except payload_templates.PayloadError as exc:
+        # The same data renders the same way on every attempt: a dead letter at once.
+        return Outcome(False, f"payload template: {exc}", permanent=True)
     try:
         secret = read_secret(row["secret_env"], row["secret_file"])
     except SecretError as exc:
         return Outcome(False, str(exc))
-    body = encode_body(row["body"])
+    body = encode_body(rendered)
     headers = {
         "Content-Type": "application/json",
         SIGNATURE_HEADER: sign(secret, body),

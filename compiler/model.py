@@ -305,8 +305,9 @@ class Action:
     on: ActionKind
     destination: str
     priority: int | None = None
-    # Free-form JSON passed to the destination; not part of the hash (dicts are unhashable).
-    payload: dict[str, Any] | None = dc_field(default=None, hash=False)
+    # JSON passed to the destination (a mapping or a string) whose strings are jinja2
+    # templates rendered at send time; not part of the hash (dicts are unhashable).
+    payload: dict[str, Any] | str | None = dc_field(default=None, hash=False)
     include_backfill: bool = False
     loc: str = dc_field(default="", compare=False)
 
@@ -326,6 +327,15 @@ class Score:
 
 DEFAULT_TIMEOUT = Duration(10 * 1_000_000, "10s")
 DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_DEDUP_WINDOW = Duration(3600 * 1_000_000, "1h")
+
+
+@dataclass(frozen=True)
+class FrequencyCap:
+    """At most ``max`` messages per profile on the destination's channel within ``per``."""
+
+    max: int
+    per: Duration
 
 
 @dataclass(frozen=True)
@@ -343,6 +353,10 @@ class Destination:
     raw: dict[str, Any] = dc_field(default_factory=dict, compare=False)
     # Attempts before a delivery becomes a dead letter.
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    frequency_cap: FrequencyCap | None = None
+    # A repeat of the message the destination last got for the profile and segment within
+    # this window is dropped; None: never.
+    dedup_window: Duration | None = DEFAULT_DEDUP_WINDOW
 
 
 def _filters_of(condition: Condition) -> Iterator[EventFilter]:

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from compiler import payload as payload_templates
 from compiler.errors import DefinitionError, DefinitionErrors, raise_collected
 from compiler.graph import dependency_order
 from compiler.model import (
@@ -27,6 +28,7 @@ from compiler.model import (
     CHANNELS,
     COMPARISON_OPS,
     DEFAULT_AGGREGATE,
+    DEFAULT_DEDUP_WINDOW,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_TIMEOUT,
     EVENT_COLUMNS,
@@ -53,6 +55,7 @@ from compiler.model import (
     EventFilter,
     EventsCond,
     Field,
+    FrequencyCap,
     InSegmentCond,
     JsonScalar,
     LastAgeCond,
@@ -92,7 +95,8 @@ SEGMENT_KEYS = (
 )
 SCORE_KEYS = ("score", "description", "half_life", "weights")
 DESTINATION_KEYS = (
-    "destination", "description", "url", "secret", "channel", "timeout", "max_attempts"
+    "destination", "description", "url", "secret", "channel", "timeout", "max_attempts",
+    "frequency_cap", "dedup_window",
 )
 ACTION_KEYS = ("on", "destination", "priority", "payload", "include_backfill")
 CONDITION_HEADS = ("trait", "events", "last", "in_segment", "score", "all", "any", "not")
@@ -666,10 +670,19 @@ class _Parser:
                     f"priority must be an integer, got {_describe(priority_value)}",
                 )
             priority = priority_value
-        payload = None
+        payload: dict[str, Any] | str | None = None
         if d.get("payload") is not None:
-            payload = self.mapping(d["payload"], _join(path, "payload"), "payload")
-            self.check_json(payload, _join(path, "payload"))
+            payload_path = _join(path, "payload")
+            if isinstance(d["payload"], str):
+                payload = d["payload"]
+            else:
+                payload = self.mapping(d["payload"], payload_path, "payload (or a string)")
+                self.check_json(payload, payload_path)
+            try:
+                payload_templates.check(payload)
+            except payload_templates.PayloadError as error:
+                self.fail(_join(payload_path, error.path) if error.path else payload_path,
+                          error.reason)
         include_backfill = False
         if "include_backfill" in d:
             include_backfill = self.boolean(d["include_backfill"], _join(path, "include_backfill"))
@@ -791,6 +804,19 @@ class _Parser:
                 self.fail("max_attempts",
                           f"max_attempts must be an integer from 1 to 100, got {_describe(value)}")
             max_attempts = value
+        frequency_cap = None
+        if doc.get("frequency_cap") is not None:
+            if channel == "ads":
+                self.fail("frequency_cap", "an ads destination is an audience, not messages: "
+                                           "it takes no frequency_cap")
+            frequency_cap = self.frequency_cap(doc["frequency_cap"], "frequency_cap")
+        dedup_window: Duration | None = DEFAULT_DEDUP_WINDOW
+        if "dedup_window" in doc:
+            value = doc["dedup_window"]
+            if value is False or (isinstance(value, str) and value.lower() in ("off", "false")):
+                dedup_window = None
+            else:
+                dedup_window = self.duration(value, "dedup_window", " (or false)")
         description = self.optional_text(doc, "description")
         return Destination(
             name,
@@ -803,7 +829,18 @@ class _Parser:
             description,
             self.raw(doc),
             max_attempts,
+            frequency_cap,
+            dedup_window,
         )
+
+    def frequency_cap(self, value: object, path: str) -> FrequencyCap:
+        d = self.mapping(value, path, "frequency_cap")
+        self.check_keys(d, path, ("max", "per"), required=("max", "per"))
+        count = d["max"]
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 10_000:
+            self.fail(_join(path, "max"),
+                      f"max must be an integer from 1 to 10000, got {_describe(count)}")
+        return FrequencyCap(count, self.duration(d["per"], _join(path, "per")))
 
     def raw(self, doc: dict[Any, Any]) -> dict[str, Any]:
         try:
@@ -1041,6 +1078,21 @@ def _reference_errors(
             check(value.name, scores, "score", _join(value.loc, "score"))
     for action in segment.actions:
         check(action.destination, destinations, "destination", _join(action.loc, "destination"))
+        target = destinations.get(action.destination)
+        if target is None or target.channel != "ads":
+            continue
+        # An ads destination is an audience that mirrors membership: entering adds, exiting
+        # removes, so only `on: enter` means something, and there is no message to rank.
+        if action.on == "exit":
+            errors.append(DefinitionError(
+                segment.source_file, _join(action.loc, "on"),
+                f"{action.destination} is an ads audience: use on: enter (members are "
+                "removed from the audience when they exit)"))
+        if action.priority is not None:
+            errors.append(DefinitionError(
+                segment.source_file, _join(action.loc, "priority"),
+                f"{action.destination} is an ads audience: priority does not apply "
+                "(audience membership is never suppressed by other segments)"))
     return errors
 
 
