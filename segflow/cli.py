@@ -185,8 +185,9 @@ def demo_cmd(
     with connect(url) as conn:
         plan = apply(conn, [EXAMPLES])
     console.print(f"segments: {', '.join(plan.new + plan.changed + plan.unchanged)}")
-    # The example destination posts to a local receiver that checks the signatures.
+    # The example destinations post to a local receiver that checks the signatures.
     os.environ.setdefault("SEGFLOW_ACCOUNT_REVIEW_SECRET", "demo-secret")
+    os.environ.setdefault("SEGFLOW_ACQUISITION_ADS_SECRET", "demo-secret")
     components = [ThreadComponent("receiver", receive_webhooks),
                   ThreadComponent("worker", lambda stop: run_worker(url, stop))]
 

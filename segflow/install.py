@@ -143,10 +143,12 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
 
         for name in plan.removed:
             segment_id = ids[name]
-            # A removed segment has no actions left: its mass exit is not sent anywhere.
-            conn.execute(query("clear_actions"), {"segment_id": segment_id})
+            # A removed segment's mass exit is not a message to anyone, but its members do
+            # leave the ads audiences it fed.
+            conn.execute(query("clear_message_actions"), {"segment_id": segment_id})
             plan.transitions += fetch_one(conn, "exit_all", segment_id=segment_id, at=at,
                                           reason="segment_removed")["n"]
+            conn.execute(query("clear_actions"), {"segment_id": segment_id})
             conn.execute(query("deactivate_segment"), {"segment_id": segment_id})
             conn.execute(drop_sql(name, segment_id))
 
@@ -188,7 +190,11 @@ def _store_destinations(conn: psycopg.Connection[Any],
         conn.execute(query("upsert_destination"), {
             "name": d.name, "url": d.url, "channel": d.channel, "secret_env": d.secret_env,
             "secret_file": d.secret_file, "timeout_s": d.timeout.seconds,
-            "max_attempts": d.max_attempts, "definition": Jsonb(d.raw)})
+            "max_attempts": d.max_attempts,
+            "cap_max": d.frequency_cap.max if d.frequency_cap else None,
+            "cap_per_s": d.frequency_cap.per.seconds if d.frequency_cap else None,
+            "dedup_window_s": d.dedup_window.seconds if d.dedup_window else None,
+            "definition": Jsonb(d.raw)})
     conn.execute(query("deactivate_destinations"), {"keep": names})
 
 

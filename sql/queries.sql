@@ -76,13 +76,17 @@ ORDER BY e.profile_id
 
 -- name: upsert_destination --
 INSERT INTO segflow.destinations (name, url, channel, secret_env, secret_file, timeout,
-                                  max_attempts, active, definition, updated_at)
+                                  max_attempts, cap_max, cap_per, dedup_window, active,
+                                  definition, updated_at)
 VALUES (%(name)s, %(url)s, %(channel)s, %(secret_env)s, %(secret_file)s,
-        make_interval(secs => %(timeout_s)s), %(max_attempts)s, true, %(definition)s,
-        segflow.now())
+        make_interval(secs => %(timeout_s)s), %(max_attempts)s, %(cap_max)s,
+        make_interval(secs => %(cap_per_s)s), make_interval(secs => %(dedup_window_s)s), true,
+        %(definition)s, segflow.now())
 ON CONFLICT (name) DO UPDATE SET url = excluded.url, channel = excluded.channel,
     secret_env = excluded.secret_env, secret_file = excluded.secret_file,
-    timeout = excluded.timeout, max_attempts = excluded.max_attempts, active = true,
+    timeout = excluded.timeout, max_attempts = excluded.max_attempts,
+    cap_max = excluded.cap_max, cap_per = excluded.cap_per,
+    dedup_window = excluded.dedup_window, active = true,
     definition = excluded.definition, updated_at = excluded.updated_at
 WHERE (segflow.destinations.definition, segflow.destinations.active)
       IS DISTINCT FROM (excluded.definition, true)
@@ -94,6 +98,13 @@ WHERE active AND NOT (name = ANY (%(keep)s))
 
 -- name: clear_actions --
 DELETE FROM segflow.segment_actions WHERE segment_id = %(segment_id)s
+
+-- name: clear_message_actions --
+-- A removed segment's actions except those of ads audiences, which must still lose the
+-- segment's members.
+DELETE FROM segflow.segment_actions a WHERE a.segment_id = %(segment_id)s
+  AND NOT EXISTS (SELECT FROM segflow.destinations d
+                  WHERE d.name = a.destination AND d.active AND d.channel = 'ads')
 
 -- name: insert_action --
 INSERT INTO segflow.segment_actions

@@ -1292,7 +1292,7 @@ def test_all_examples_load() -> None:
         "funded",
     }
     assert set(project.scores) == {"engagement"}
-    assert set(project.destinations) == {"account_review"}
+    assert set(project.destinations) == {"account_review", "acquisition_ads"}
     order = list(project.segments)
     assert order.index("gold_and_at_risk") > order.index("gold_traders")
     assert order.index("gold_and_at_risk") > order.index("margin_call_risk")

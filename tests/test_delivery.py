@@ -153,8 +153,8 @@ def test_apply_stores_destinations_and_actions(conn: Conn, tmp_path: Path,
     rows = conn.execute(
         "SELECT name, url, channel, secret_env, timeout, max_attempts, active"
         " FROM segflow.destinations ORDER BY name").fetchall()
-    assert [r[0] for r in rows] == ["account_review", "hook"]
-    assert rows[1][1:] == (receiver.url, "webhook", "SEGFLOW_TEST_HOOK_SECRET",
+    assert [r[0] for r in rows] == ["account_review", "acquisition_ads", "hook"]
+    assert rows[2][1:] == (receiver.url, "webhook", "SEGFLOW_TEST_HOOK_SECRET",
                            timedelta(seconds=2), 3, True)
     actions = conn.execute(
         "SELECT on_kind, destination, priority, payload, include_backfill"
@@ -166,7 +166,8 @@ def test_apply_stores_destinations_and_actions(conn: Conn, tmp_path: Path,
     install(conn, tmp_path, extra={"seg": depositors({"on": "exit",
                                                       "destination": "account_review"})})
     assert conn.execute("SELECT name, active FROM segflow.destinations ORDER BY name"
-                        ).fetchall() == [("account_review", True), ("hook", False)]
+                        ).fetchall() == [("account_review", True), ("acquisition_ads", True),
+                                         ("hook", False)]
     assert conn.execute("SELECT on_kind, destination FROM segflow.segment_actions"
                         ).fetchall() == [("exit", "account_review")]
 
