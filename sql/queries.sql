@@ -11,6 +11,9 @@ FROM segflow.segment_defs ORDER BY segment_id
 SELECT name, definition_hash FROM segflow.score_defs
 
 -- name: upsert_score --
+-- A changed score's accumulators are stale: evaluations sum events until the next insert
+-- rebuilds them.
+WITH stale AS (DELETE FROM segflow.score_state WHERE score = %(name)s)
 INSERT INTO segflow.score_defs (name, half_life, weights, definition, definition_hash, updated_at)
 VALUES (%(name)s, make_interval(secs => %(half_life_s)s), %(weights)s, %(definition)s, %(hash)s,
         segflow.now())

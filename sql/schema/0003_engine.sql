@@ -33,6 +33,115 @@ CREATE TABLE segflow.score_defs (
     updated_at      timestamptz NOT NULL DEFAULT segflow.now()
 );
 
+-- Each score per profile as a decayed accumulator, so evaluating a score reads only the
+-- events since the last insert instead of the profile's whole history: value holds
+-- Σ weight·2^(−(ref_at − occurred_at)/half_life) over the weighted events at or before ref_at.
+-- Events with a later occurred_at are read from the table when an evaluation reaches them.
+-- Rows are dropped when their score changes (and for both profiles of a merge); evaluations
+-- without a row, or before ref_at, sum the events themselves.
+CREATE TABLE segflow.score_state (
+    profile_id bigint NOT NULL,
+    score      text NOT NULL,
+    ref_at     timestamptz NOT NULL,
+    value      float8 NOT NULL,
+    -- The latest weighted event at or before ref_at.
+    last_at    timestamptz,
+    PRIMARY KEY (profile_id, score)
+);
+
+-- p_value·2^(−p_halvings), 0 instead of an underflow error below the normal double range
+-- (PostgreSQL raises an error where a float product rounds to 0; subnormals are kept).
+CREATE FUNCTION segflow.decay(p_value float8, p_halvings float8) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN p_value = 0 THEN 0::float8
+        WHEN ln(abs(p_value)) / ln(2::float8) - p_halvings < -1070 THEN 0::float8
+        ELSE p_value * power(2::float8, -p_halvings)
+    END
+$$;
+
+-- When a score p_value at p_at, decaying with half-life p_half_life_s seconds, crosses the
+-- threshold p_threshold (NULL: it never does). A score exactly on the threshold leaves it a
+-- microsecond later. Computed in logarithms, so extreme values neither overflow nor
+-- underflow; beyond p_max_halvings the score is 0 by definition and the caller knows when.
+CREATE FUNCTION segflow.score_crossing(p_value float8, p_threshold float8, p_at timestamptz,
+                                       p_half_life_s float8, p_max_halvings float8)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN p_threshold <> 0 AND p_value <> 0 AND sign(p_value) = sign(p_threshold)
+             AND abs(p_value) >= abs(p_threshold)
+        THEN greatest(
+            p_at + make_interval(secs => least(
+                p_half_life_s * CASE
+                    WHEN ln(abs(p_value)) - ln(abs(p_threshold)) < 700
+                    THEN ln(p_value / p_threshold)
+                    ELSE ln(abs(p_value)) - ln(abs(p_threshold)) END / ln(2::float8),
+                p_half_life_s * p_max_halvings)),
+            p_at + '1 microsecond'::interval)
+    END
+$$;
+
+-- Brings the score accumulators of the profiles an insert touched up to the statement's
+-- clock time (or keeps a later ref_at): the old value decays, events since ref_at are read
+-- by index, and late events of this statement (at or before ref_at) are added as terms.
+CREATE FUNCTION segflow._events_stored_scores() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_at timestamptz := segflow.now();
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM segflow.score_defs) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO segflow.score_state AS st (profile_id, score, ref_at, value, last_at)
+    SELECT t.profile_id, t.name, r.ref_at,
+           carried.v + coalesce(recent.v, 0) + coalesce(late.v, 0),
+           greatest(o.last_at, recent.last_at, late.last_at)
+    FROM (SELECT DISTINCT n.profile_id, s.name, s.weights,
+                 extract(epoch FROM s.half_life)::float8 AS h,
+                 ARRAY(SELECT jsonb_object_keys(s.weights)) AS types
+          FROM new_rows n JOIN segflow.score_defs s ON s.weights ? n.event_type) t
+    LEFT JOIN segflow.score_state o ON o.profile_id = t.profile_id AND o.score = t.name
+    CROSS JOIN LATERAL (SELECT greatest(o.ref_at, v_at) AS ref_at) r
+    -- The old value, or 0 once its latest event is 1000 half-lives old (forgotten).
+    CROSS JOIN LATERAL (
+        SELECT CASE
+            WHEN o.profile_id IS NULL OR o.last_at IS NULL THEN 0::float8
+            WHEN extract(epoch FROM r.ref_at - o.last_at)::float8 / t.h >= 1000 THEN 0::float8
+            ELSE segflow.decay(o.value,
+                               extract(epoch FROM r.ref_at - o.ref_at)::float8 / t.h)
+        END AS v) carried
+    CROSS JOIN LATERAL (
+        SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
+                        ELSE segflow.decay(x.weight, x.halvings) END) AS v,
+               max(x.occurred_at) AS last_at
+        FROM (SELECT e.occurred_at, (t.weights ->> e.event_type)::float8 AS weight,
+                     extract(epoch FROM r.ref_at - e.occurred_at)::float8 / t.h AS halvings
+              FROM segflow.events_stored e
+              WHERE e.profile_id = t.profile_id AND e.event_type = ANY (t.types)
+                AND e.occurred_at <= r.ref_at
+                AND (o.ref_at IS NULL OR e.occurred_at > o.ref_at)) x) recent
+    CROSS JOIN LATERAL (
+        SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
+                        ELSE segflow.decay(x.weight, x.halvings) END) AS v,
+               max(x.occurred_at) AS last_at
+        FROM (SELECT n.occurred_at, (t.weights ->> n.event_type)::float8 AS weight,
+                     extract(epoch FROM r.ref_at - n.occurred_at)::float8 / t.h AS halvings
+              FROM new_rows n
+              WHERE n.profile_id = t.profile_id AND n.event_type = ANY (t.types)
+                AND n.occurred_at <= o.ref_at) x) late
+    ORDER BY t.profile_id, t.name
+    ON CONFLICT (profile_id, score) DO UPDATE
+    SET ref_at = excluded.ref_at, value = excluded.value, last_at = excluded.last_at;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_stored_scores
+    AFTER INSERT ON segflow.events_stored
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_scores();
+
 CREATE TABLE segflow.segment_members (
     segment_id integer NOT NULL,
     profile_id bigint NOT NULL,
@@ -318,6 +427,7 @@ BEGIN
     )
     SELECT count(*) INTO v_exits FROM logged;
     DELETE FROM segflow.schedule WHERE profile_id = p_absorbed;
+    DELETE FROM segflow.score_state WHERE profile_id IN (p_survivor, p_absorbed);
     IF v_exits > 0 THEN
         PERFORM segflow._notify(0);
     END IF;
