@@ -338,14 +338,19 @@ class _Builder:
             return f"coalesce({alias}.ok, false)"
         if isinstance(cond, LastAgeCond):
             ok = comparison(Value("(i.at - l.occurred_at)", "interval"), cond.comparison)
-            edges: list[Duration] = []
-            for _, operand in cond.comparison:
+            # Age grows continuously: `gte`/`lt` d flip exactly at d, `gt`/`lte` d a
+            # microsecond later, the others at both.
+            candidates: list[str] = []
+            for op, operand in cond.comparison:
                 items = operand if isinstance(operand, tuple) else (operand,)
-                edges += [d for d in items if isinstance(d, Duration)]
-            candidates = []
-            for d in edges:
-                candidates.append(after(f"l.occurred_at + {interval(d)}"))
-                candidates.append(after(f"l.occurred_at + {interval(d)} + '1 microsecond'"))
+                for d in items:
+                    if not isinstance(d, Duration):
+                        continue
+                    edge = f"l.occurred_at + {interval(d)}"
+                    if op not in ("gt", "lte"):
+                        candidates.append(after(edge))
+                    if op not in ("gte", "lt"):
+                        candidates.append(after(f"{edge} + '1 microsecond'"))
             nx = f"least({', '.join(candidates)})" if candidates else "NULL::timestamptz"
             alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
             self.nexts.append(f"{alias}.nx")

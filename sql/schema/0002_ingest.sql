@@ -559,7 +559,8 @@ BEGIN
     END IF;
 
     SELECT array_agg(DISTINCT t) INTO v_event_types FROM unnest(v_types) t;
-    PERFORM segflow._after_events(v_profiles, v_event_types, v_now, v_new_profiles);
+    PERFORM segflow._after_events(v_profiles, v_event_types, v_now, v_new_profiles, v_pids,
+                                  v_types);
     RETURN NULL;
 END
 $$;

@@ -239,6 +239,11 @@ DECLARE
     v_changed integer;
     v_version integer;
     v_dependents integer[];
+    v_profiles bigint[];
+    v_ats timestamptz[];
+    v_members boolean[];
+    v_nexts timestamptz[];
+    v_contexts jsonb[];
 BEGIN
     IF p_profile_ids IS NULL OR cardinality(p_profile_ids) = 0 THEN
         RETURN 0;
@@ -249,50 +254,57 @@ BEGIN
     INTO v_version, v_dependents
     FROM segflow.segment_defs d WHERE d.segment_id = p_segment_id;
 
-    EXECUTE format($q$
-        WITH ev AS MATERIALIZED (
-            SELECT e.profile_id, e.at, e.member, e.next_at, e.context
-            FROM segflow_compiled.%I($1, $2) e
-        ), cur AS (
-            SELECT m.profile_id, m.context
-            FROM segflow.segment_members m
-            WHERE m.segment_id = $3 AND m.profile_id = ANY ($1)
-        ), changes AS MATERIALIZED (
-            SELECT ev.profile_id, ev.at, ev.member,
-                   CASE WHEN ev.member THEN ev.context ELSE cur.context END AS context
-            FROM ev LEFT JOIN cur ON cur.profile_id = ev.profile_id
-            WHERE ev.member <> (cur.profile_id IS NOT NULL)
-        ), logged AS (
-            INSERT INTO segflow.transition_log
-                (segment_id, profile_id, kind, effective_at, reason, context, version)
-            SELECT $3, c.profile_id, CASE WHEN c.member THEN 'enter' ELSE 'exit' END, c.at, $4,
-                   coalesce(c.context, '{}'), $6
-            FROM changes c ORDER BY c.profile_id
-        ), entered AS (
-            INSERT INTO segflow.segment_members (segment_id, profile_id, entered_at, context)
-            SELECT $3, c.profile_id, c.at, coalesce(c.context, '{}') FROM changes c WHERE c.member
-        ), exited AS (
-            DELETE FROM segflow.segment_members m USING changes c
-            WHERE m.segment_id = $3 AND m.profile_id = c.profile_id AND NOT c.member
-        ), due AS (
-            INSERT INTO segflow.schedule (segment_id, profile_id, due_at)
-            SELECT $3, ev.profile_id, ev.next_at FROM ev
-            WHERE ev.next_at IS NOT NULL AND NOT $5
-            ON CONFLICT (segment_id, profile_id) DO UPDATE SET due_at = excluded.due_at
-        ), never AS (
-            DELETE FROM segflow.schedule s USING ev
-            WHERE s.segment_id = $3 AND s.profile_id = ev.profile_id
-              AND (ev.next_at IS NULL OR $5)
-        ), dependents AS (
-            INSERT INTO segflow.schedule (segment_id, profile_id, due_at)
-            SELECT d.id, c.profile_id, c.at FROM changes c CROSS JOIN unnest($7::integer[]) d(id)
-            ON CONFLICT (segment_id, profile_id)
-            DO UPDATE SET due_at = least(segflow.schedule.due_at, excluded.due_at)
-        )
-        SELECT count(*)::integer FROM changes
-    $q$, 's' || p_segment_id || '_eval')
-    INTO v_changed
-    USING p_profile_ids, p_ats, p_segment_id, p_reason, p_scheduled, v_version, v_dependents;
+    -- Only the call of the compiled function is dynamic; the statement below is static,
+    -- so PL/pgSQL plans it once per session instead of on every call.
+    EXECUTE format('SELECT array_agg(e.profile_id), array_agg(e.at), array_agg(e.member), '
+                   'array_agg(e.next_at), array_agg(e.context) FROM segflow_compiled.%I($1, $2) e',
+                   's' || p_segment_id || '_eval')
+    INTO v_profiles, v_ats, v_members, v_nexts, v_contexts
+    USING p_profile_ids, p_ats;
+
+    WITH ev AS MATERIALIZED (
+        SELECT * FROM unnest(v_profiles, v_ats, v_members, v_nexts, v_contexts)
+                      e(profile_id, at, member, next_at, context)
+    ), cur AS (
+        SELECT m.profile_id, m.context
+        FROM segflow.segment_members m
+        WHERE m.segment_id = p_segment_id AND m.profile_id = ANY (v_profiles)
+    ), changes AS MATERIALIZED (
+        SELECT ev.profile_id, ev.at, ev.member,
+               CASE WHEN ev.member THEN ev.context ELSE cur.context END AS context
+        FROM ev LEFT JOIN cur ON cur.profile_id = ev.profile_id
+        WHERE ev.member <> (cur.profile_id IS NOT NULL)
+    ), logged AS (
+        INSERT INTO segflow.transition_log
+            (segment_id, profile_id, kind, effective_at, reason, context, version)
+        SELECT p_segment_id, c.profile_id, CASE WHEN c.member THEN 'enter' ELSE 'exit' END,
+               c.at, p_reason, coalesce(c.context, '{}'), v_version
+        FROM changes c ORDER BY c.profile_id
+    ), entered AS (
+        INSERT INTO segflow.segment_members (segment_id, profile_id, entered_at, context)
+        SELECT p_segment_id, c.profile_id, c.at, coalesce(c.context, '{}')
+        FROM changes c WHERE c.member
+    ), exited AS (
+        DELETE FROM segflow.segment_members m USING changes c
+        WHERE m.segment_id = p_segment_id AND m.profile_id = c.profile_id AND NOT c.member
+    ), due AS (
+        INSERT INTO segflow.schedule AS s (segment_id, profile_id, due_at)
+        SELECT p_segment_id, ev.profile_id, ev.next_at FROM ev
+        WHERE ev.next_at IS NOT NULL AND NOT p_scheduled
+        ON CONFLICT (segment_id, profile_id) DO UPDATE SET due_at = excluded.due_at
+        -- Most evaluations find the same next instant: no new row version for those.
+        WHERE s.due_at IS DISTINCT FROM excluded.due_at
+    ), never AS (
+        DELETE FROM segflow.schedule s USING ev
+        WHERE s.segment_id = p_segment_id AND s.profile_id = ev.profile_id
+          AND (ev.next_at IS NULL OR p_scheduled)
+    ), dependents AS (
+        INSERT INTO segflow.schedule AS s (segment_id, profile_id, due_at)
+        SELECT d.id, c.profile_id, c.at FROM changes c CROSS JOIN unnest(v_dependents) d(id)
+        ON CONFLICT (segment_id, profile_id)
+        DO UPDATE SET due_at = least(s.due_at, excluded.due_at)
+    )
+    SELECT count(*)::integer INTO v_changed FROM changes;
 
     IF v_changed > 0 THEN
         PERFORM segflow._notify(p_segment_id);
@@ -342,24 +354,22 @@ END
 $$;
 
 -- Engine hook of the ingest trigger once the events are stored: evaluate the segments these
--- event types can affect, at the transaction's clock time.
--- p_new_profiles (first events ever) are evaluated for every segment.
+-- event types can affect, at the transaction's clock time, for the profiles whose own events
+-- have those types (p_event_profiles/p_event_types: one entry per event; without them every
+-- profile of the batch). p_new_profiles (first events ever) are evaluated for every segment.
 CREATE FUNCTION segflow._after_events(p_profile_ids bigint[], p_types text[], p_at timestamptz,
-                                      p_new_profiles bigint[] DEFAULT NULL)
+                                      p_new_profiles bigint[] DEFAULT NULL,
+                                      p_event_profiles bigint[] DEFAULT NULL,
+                                      p_event_types text[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_def record;
-    v_ats timestamptz[];
-    v_new_ats timestamptz[];
+    v_targets bigint[];
     v_total integer := 0;
 BEGIN
-    v_ats := array_fill(p_at, ARRAY[cardinality(p_profile_ids)]);
-    IF p_new_profiles IS NOT NULL THEN
-        v_new_ats := array_fill(p_at, ARRAY[cardinality(p_new_profiles)]);
-    END IF;
     FOR v_def IN
-        SELECT d.segment_id,
+        SELECT d.segment_id, d.trigger_types, d.trait_sensitive,
                (d.trigger_types IS NULL OR d.trigger_types && p_types
                 OR (d.trait_sensitive AND p_types && ARRAY['identify', 'consent_updated']))
                    AS affected
@@ -367,11 +377,21 @@ BEGIN
         WHERE d.active AND d.mode = 'realtime'
         ORDER BY d.topo_order, d.segment_id
     LOOP
-        IF v_def.affected THEN
-            v_total := v_total + segflow._apply(v_def.segment_id, p_profile_ids, v_ats, 'event');
-        ELSIF p_new_profiles IS NOT NULL THEN
-            v_total := v_total + segflow._apply(v_def.segment_id, p_new_profiles, v_new_ats,
-                                                'event');
+        IF v_def.affected AND p_event_profiles IS NULL THEN
+            v_targets := p_profile_ids;
+        ELSIF v_def.affected THEN
+            SELECT array_agg(DISTINCT u.p ORDER BY u.p) INTO v_targets
+            FROM unnest(p_event_profiles, p_event_types) u(p, t)
+            WHERE v_def.trigger_types IS NULL OR u.t = ANY (v_def.trigger_types)
+               OR (v_def.trait_sensitive AND u.t IN ('identify', 'consent_updated'))
+               OR u.p = ANY (p_new_profiles);
+        ELSE
+            v_targets := p_new_profiles;
+        END IF;
+        IF v_targets IS NOT NULL THEN
+            v_total := v_total + segflow._apply(
+                v_def.segment_id, v_targets,
+                array_fill(p_at, ARRAY[cardinality(v_targets)]), 'event');
         END IF;
     END LOOP;
     RETURN v_total;
