@@ -89,10 +89,22 @@ CREATE FUNCTION segflow._events_stored_scores() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     v_at timestamptz := segflow.now();
+    v_profiles bigint[];
+    v_types text[];
+    v_times timestamptz[];
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM segflow.score_defs) THEN
+    -- The transition table is read into arrays first: a distributed table cannot be
+    -- written from a SELECT over it (scale-out notes).
+    SELECT array_agg(n.profile_id), array_agg(n.event_type), array_agg(n.occurred_at)
+    INTO v_profiles, v_types, v_times
+    FROM new_rows n
+    WHERE EXISTS (SELECT 1 FROM segflow.score_defs s WHERE s.weights ? n.event_type);
+    IF v_profiles IS NULL THEN
         RETURN NULL;
     END IF;
+    WITH batch AS MATERIALIZED (
+        SELECT * FROM unnest(v_profiles, v_types, v_times) n(profile_id, event_type, occurred_at)
+    )
     INSERT INTO segflow.score_state AS st (profile_id, score, ref_at, value, last_at)
     SELECT t.profile_id, t.name, r.ref_at,
            carried.v + coalesce(recent.v, 0) + coalesce(late.v, 0),
@@ -100,7 +112,7 @@ BEGIN
     FROM (SELECT DISTINCT n.profile_id, s.name, s.weights,
                  extract(epoch FROM s.half_life)::float8 AS h,
                  ARRAY(SELECT jsonb_object_keys(s.weights)) AS types
-          FROM new_rows n JOIN segflow.score_defs s ON s.weights ? n.event_type) t
+          FROM batch n JOIN segflow.score_defs s ON s.weights ? n.event_type) t
     LEFT JOIN segflow.score_state o ON o.profile_id = t.profile_id AND o.score = t.name
     CROSS JOIN LATERAL (SELECT greatest(o.ref_at, v_at) AS ref_at) r
     -- The old value, or 0 once its latest event is 1000 half-lives old (forgotten).
@@ -127,7 +139,7 @@ BEGIN
                max(x.occurred_at) AS last_at
         FROM (SELECT n.occurred_at, (t.weights ->> n.event_type)::float8 AS weight,
                      extract(epoch FROM r.ref_at - n.occurred_at)::float8 / t.h AS halvings
-              FROM new_rows n
+              FROM batch n
               WHERE n.profile_id = t.profile_id AND n.event_type = ANY (t.types)
                 AND n.occurred_at <= o.ref_at) x) late
     ORDER BY t.profile_id, t.name
