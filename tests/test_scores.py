@@ -205,3 +205,28 @@ def test_merge_and_changed_weights_rebuild_the_accumulator(
     assert conn.execute("SELECT count(*) FROM segflow.score_state").fetchone() == (0,)
     # 50 + 10 + 1 decayed an hour ≈ 60.4: a member under the new definition.
     assert members(conn, "engaged") == {known}
+
+
+def test_rows_stored_directly_drop_the_accumulator(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    at(conn, START.isoformat())
+    install(conn, tmp_path, "engaged", "engagement.score")
+    event(conn, "trade", START.isoformat(), "C-5")
+    trader = profile_of(conn, "C-5")
+    state(conn, trader)
+    # A bulk load of already-resolved rows (the trusted path) does not go through the
+    # triggers that keep accumulators, so the profile's accumulator must not be used again.
+    conn.execute("SET segflow.trusted_ingest = on")
+    conn.execute(
+        "INSERT INTO segflow.events (event_type, occurred_at, identifiers, profile_id, stored) "
+        "VALUES ('deposit', %s, '{}', %s, true), ('deposit', %s, '{}', %s, true)",
+        (START, trader, START, trader))
+    conn.execute("RESET segflow.trusted_ingest")
+    assert conn.execute("SELECT count(*) FROM segflow.score_state WHERE profile_id = %s",
+                        (trader,)).fetchone() == (0,)
+    # 5 + 10 + 10: the next evaluation sees the loaded deposits.
+    later = START + timedelta(minutes=1)
+    at(conn, later.isoformat())
+    event(conn, "login", later.isoformat(), "C-5")
+    assert members(conn, "engaged") == {trader}

@@ -15,6 +15,8 @@ CREATE TABLE segflow.segment_defs (
     -- (NULL: any type, e.g. when sessions are involved)
     trigger_types   text[],
     trait_sensitive boolean NOT NULL DEFAULT false,
+    -- reads `within: session` (its own rule or context, not its dependencies')
+    reads_sessions  boolean NOT NULL DEFAULT false,
     depends_on      text[] NOT NULL DEFAULT '{}',
     topo_order      integer NOT NULL DEFAULT 0,
     active          boolean NOT NULL DEFAULT true,
@@ -202,36 +204,144 @@ LANGUAGE sql STABLE AS $$
         ORDER BY t.transition_id DESC LIMIT 1), false)
 $$;
 
+-- The session holding each profile's latest event at or before ref_at (NULLs: no event
+-- yet), so finding the current session reads only the events since, not the whole session.
+-- Kept by a statement trigger on segflow.events_stored while a realtime segment reads
+-- sessions (otherwise the touched profiles' rows are dropped); rows of another timeout are
+-- ignored; merges drop both profiles' rows.
+CREATE TABLE segflow.session_state (
+    profile_id bigint PRIMARY KEY,
+    ref_at     timestamptz NOT NULL,
+    timeout    interval NOT NULL,
+    start_at   timestamptz,
+    last_at    timestamptz
+);
+
+-- The session (first and latest event) holding the profile's latest event at or before
+-- p_at, reading only events after p_after. A known session (p_known_start, p_known_last,
+-- with no events between p_known_last and p_after) is continued when the oldest newer
+-- event is within the timeout of it.
+CREATE FUNCTION segflow.session_bounds(
+    p_profile_id bigint, p_at timestamptz, p_timeout interval, p_after timestamptz,
+    p_known_start timestamptz, p_known_last timestamptz
+) RETURNS TABLE (start_at timestamptz, last_at timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_last timestamptz;
+    v_start timestamptz;
+    v_split boolean;
+BEGIN
+    SELECT max(e.occurred_at) INTO v_last FROM segflow.events_stored e
+    WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at AND e.occurred_at > p_after;
+    IF v_last IS NULL THEN
+        start_at := p_known_start;
+        last_at := p_known_last;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT w.occurred_at, w.prev IS NOT NULL INTO v_start, v_split
+    FROM (SELECT e.occurred_at,
+                 lead(e.occurred_at) OVER (ORDER BY e.occurred_at DESC, e.event_id DESC) AS prev
+          FROM segflow.events_stored e
+          WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at
+            AND e.occurred_at > p_after
+          ORDER BY e.occurred_at DESC, e.event_id DESC) w
+    WHERE w.prev IS NULL OR w.occurred_at - w.prev > p_timeout
+    LIMIT 1;
+    IF NOT v_split AND p_known_last IS NOT NULL AND v_start - p_known_last <= p_timeout THEN
+        v_start := p_known_start;
+    END IF;
+    start_at := v_start;
+    last_at := v_last;
+    RETURN NEXT;
+END
+$$;
+
 -- The profile's current session at p_at: events split wherever two consecutive ones are more
 -- than session_timeout apart; current if its latest event is less than the timeout before p_at.
--- Reads back from the latest event only as far as the session goes.
 CREATE FUNCTION segflow.session_at(p_profile_id bigint, p_at timestamptz)
 RETURNS TABLE (start_at timestamptz, last_at timestamptz, ends_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_timeout interval := segflow.config_value('session_timeout')::interval;
-    v_last timestamptz;
-    v_start timestamptz;
+    v_state segflow.session_state;
+    v_bounds record;
 BEGIN
-    SELECT max(e.occurred_at) INTO v_last FROM segflow.events_stored e
-    WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at;
-    IF v_last IS NULL OR p_at - v_last >= v_timeout THEN
+    SELECT * INTO v_state FROM segflow.session_state s
+    WHERE s.profile_id = p_profile_id AND s.timeout = v_timeout AND s.ref_at <= p_at;
+    IF FOUND THEN
+        SELECT * INTO v_bounds FROM segflow.session_bounds(
+            p_profile_id, p_at, v_timeout, coalesce(v_state.last_at, v_state.ref_at),
+            v_state.start_at, v_state.last_at);
+    ELSE
+        SELECT * INTO v_bounds FROM segflow.session_bounds(
+            p_profile_id, p_at, v_timeout, '-infinity', NULL, NULL);
+    END IF;
+    IF v_bounds.last_at IS NULL OR p_at - v_bounds.last_at >= v_timeout THEN
         RETURN;
     END IF;
-    SELECT w.occurred_at INTO v_start
-    FROM (SELECT e.occurred_at,
-                 lead(e.occurred_at) OVER (ORDER BY e.occurred_at DESC, e.event_id DESC) AS prev
-          FROM segflow.events_stored e
-          WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at
-          ORDER BY e.occurred_at DESC, e.event_id DESC) w
-    WHERE w.prev IS NULL OR w.occurred_at - w.prev > v_timeout
-    LIMIT 1;
-    start_at := v_start;
-    last_at := v_last;
-    ends_at := v_last + v_timeout;
+    start_at := v_bounds.start_at;
+    last_at := v_bounds.last_at;
+    ends_at := v_bounds.last_at + v_timeout;
     RETURN NEXT;
 END
 $$;
+
+-- Brings the session rows of the profiles an insert touched up to the statement's clock time.
+-- A late event just before the known session may join it to an earlier one: that profile's
+-- session is found again from its events.
+CREATE FUNCTION segflow._events_stored_sessions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_at timestamptz := segflow.now();
+    v_timeout interval := segflow.config_value('session_timeout')::interval;
+    v_profiles bigint[];
+    v_times timestamptz[];
+BEGIN
+    -- Arrays first: a distributed table cannot be written from a SELECT over the transition
+    -- table (scale-out notes).
+    SELECT array_agg(n.profile_id), array_agg(n.occurred_at) INTO v_profiles, v_times
+    FROM new_rows n;
+    IF v_profiles IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM segflow.segment_defs
+                   WHERE active AND mode = 'realtime' AND reads_sessions) THEN
+        DELETE FROM segflow.session_state WHERE profile_id = ANY (v_profiles);
+        RETURN NULL;
+    END IF;
+    WITH batch AS MATERIALIZED (
+        SELECT * FROM unnest(v_profiles, v_times) n(profile_id, occurred_at)
+    )
+    INSERT INTO segflow.session_state AS st (profile_id, ref_at, timeout, start_at, last_at)
+    SELECT p.profile_id, r.ref_at, v_timeout, b.start_at, b.last_at
+    FROM (SELECT DISTINCT profile_id FROM batch) p
+    LEFT JOIN segflow.session_state o ON o.profile_id = p.profile_id AND o.timeout = v_timeout
+    CROSS JOIN LATERAL (SELECT greatest(o.ref_at, v_at) AS ref_at) r
+    -- The known session can be continued unless a late event (at or before ref_at) lands
+    -- where it could change it: before any known event, or within the timeout before it.
+    CROSS JOIN LATERAL (
+        SELECT o.profile_id IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM batch n
+            WHERE n.profile_id = p.profile_id AND n.occurred_at <= o.ref_at
+              AND NOT coalesce(n.occurred_at > o.last_at OR n.occurred_at >= o.start_at
+                               OR n.occurred_at < o.start_at - v_timeout, false)) AS known) k
+    CROSS JOIN LATERAL segflow.session_bounds(
+        p.profile_id, r.ref_at, v_timeout,
+        CASE WHEN k.known THEN coalesce(o.last_at, o.ref_at) ELSE '-infinity' END,
+        CASE WHEN k.known THEN o.start_at END, CASE WHEN k.known THEN o.last_at END) b
+    ORDER BY p.profile_id
+    ON CONFLICT (profile_id) DO UPDATE
+    SET ref_at = excluded.ref_at, timeout = excluded.timeout, start_at = excluded.start_at,
+        last_at = excluded.last_at;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_stored_sessions
+    AFTER INSERT ON segflow.events_stored
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_sessions();
 
 CREATE FUNCTION segflow._notify(p_segment_id integer) RETURNS void
 LANGUAGE sql AS $$
@@ -460,6 +570,7 @@ BEGIN
     SELECT count(*) INTO v_exits FROM logged;
     DELETE FROM segflow.schedule WHERE profile_id = p_absorbed;
     DELETE FROM segflow.score_state WHERE profile_id IN (p_survivor, p_absorbed);
+    DELETE FROM segflow.session_state WHERE profile_id IN (p_survivor, p_absorbed);
     IF v_exits > 0 THEN
         PERFORM segflow._notify(0);
     END IF;
