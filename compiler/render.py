@@ -256,17 +256,45 @@ class _Builder:
         return alias
 
     def score_sum(self, name: str) -> str:
+        """The score at i.at (``v``) and its latest weighted event (``last_at``): from the
+        profile's accumulator (segflow.score_state) plus the events after its ref_at, or, with
+        no usable accumulator, from all the profile's events."""
         score = self.scores[name]
         weights = ", ".join(f"({lit(t)}, {lit(float(w))}::float8)" for t, w in score.weights)
-        half_life = lit(score.half_life.microseconds / 1_000_000)
-        halvings = f"(extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life}::float8)"
+        half_life = f"{lit(score.half_life.microseconds / 1_000_000)}::float8"
+        forgotten = FORGOTTEN_AFTER_HALF_LIVES
+
+        def terms(after: str | None) -> str:
+            halvings = f"(extract(epoch FROM (i.at - e.occurred_at))::float8 / {half_life})"
+            lower = f" AND e.occurred_at > {after}" if after else ""
+            return (
+                f"SELECT coalesce(sum(CASE WHEN {halvings} >= {forgotten} THEN 0::float8 "
+                f"ELSE segflow.decay(w.weight, {halvings}) END), 0)::float8 AS v, "
+                f"max(e.occurred_at) AS last_at "
+                f"FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
+                f"ON w.event_type = e.event_type "
+                f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at{lower}"
+            )
+
+        usable = (
+            f"st.profile_id = i.profile_id AND st.score = {lit(name)} AND st.ref_at <= i.at"
+        )
+        carried = (
+            f"CASE WHEN st.last_at IS NULL OR extract(epoch FROM (i.at - st.last_at))::float8 "
+            f"/ {half_life} >= {forgotten} THEN 0::float8 "
+            f"ELSE segflow.decay(st.value, "
+            f"extract(epoch FROM (i.at - st.ref_at))::float8 / {half_life}) END"
+        )
+        # LIMIT 1: the whole-history branch only runs when there is no usable accumulator.
         return (
-            f"SELECT coalesce(sum(w.weight * CASE WHEN {halvings} >= {FORGOTTEN_AFTER_HALF_LIVES} "
-            f"THEN 0::float8 ELSE power(2::float8, -{halvings}) END), 0)::float8 AS v, "
-            f"max(e.occurred_at) AS last_at "
-            f"FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
-            f"ON w.event_type = e.event_type "
-            f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at"
+            f"SELECT * FROM ("
+            f"SELECT {carried} + r.v AS v, greatest(st.last_at, r.last_at) AS last_at "
+            f"FROM segflow.score_state st CROSS JOIN LATERAL ({terms('st.ref_at')}) r "
+            f"WHERE {usable} "
+            f"UNION ALL "
+            f"SELECT f.v, f.last_at FROM ({terms(None)}) f "
+            f"WHERE NOT EXISTS (SELECT 1 FROM segflow.score_state st WHERE {usable})"
+            f") sc LIMIT 1"
         )
 
     def condition(self, cond: Condition) -> str:
@@ -310,14 +338,19 @@ class _Builder:
             return f"coalesce({alias}.ok, false)"
         if isinstance(cond, LastAgeCond):
             ok = comparison(Value("(i.at - l.occurred_at)", "interval"), cond.comparison)
-            edges: list[Duration] = []
-            for _, operand in cond.comparison:
+            # Age grows continuously: `gte`/`lt` d flip exactly at d, `gt`/`lte` d a
+            # microsecond later, the others at both.
+            candidates: list[str] = []
+            for op, operand in cond.comparison:
                 items = operand if isinstance(operand, tuple) else (operand,)
-                edges += [d for d in items if isinstance(d, Duration)]
-            candidates = []
-            for d in edges:
-                candidates.append(after(f"l.occurred_at + {interval(d)}"))
-                candidates.append(after(f"l.occurred_at + {interval(d)} + '1 microsecond'"))
+                for d in items:
+                    if not isinstance(d, Duration):
+                        continue
+                    edge = f"l.occurred_at + {interval(d)}"
+                    if op not in ("gt", "lte"):
+                        candidates.append(after(edge))
+                    if op not in ("gte", "lt"):
+                        candidates.append(after(f"{edge} + '1 microsecond'"))
             nx = f"least({', '.join(candidates)})" if candidates else "NULL::timestamptz"
             alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
             self.nexts.append(f"{alias}.nx")
@@ -337,8 +370,7 @@ class _Builder:
         raise TypeError(f"unknown condition {cond!r}")
 
     def score_crossing(self, cmp: Comparison, half_life: str) -> str:
-        """When the decaying score next crosses a threshold: S(t) = S·2^(−(t−T)/h); a score
-        exactly on a threshold leaves it a microsecond later."""
+        """When the decaying score next crosses a threshold: S(t) = S·2^(−(t−T)/h)."""
         thresholds: set[float] = set()
         for op, operand in cmp:
             if op == "exists":
@@ -354,9 +386,8 @@ class _Builder:
         return (
             "least("
             + ", ".join(
-                f"(CASE WHEN s.v / {lit(t)}::float8 >= 1 THEN greatest("
-                f"i.at + make_interval(secs => {half_life} * ln(s.v / {lit(t)}::float8)"
-                f" / ln(2::float8)), i.at + '1 microsecond'::interval) END)"
+                f"segflow.score_crossing(s.v, {lit(t)}::float8, i.at, {half_life}, "
+                f"{FORGOTTEN_AFTER_HALF_LIVES + 1})"
                 for t in sorted(thresholds)
             )
             + ")"

@@ -157,7 +157,7 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
             trigger_types, trait_sensitive = _closure(project, name)
             params = {
                 "segment_id": ids[name], "trigger_types": trigger_types,
-                "trait_sensitive": trait_sensitive,
+                "trait_sensitive": trait_sensitive, "reads_sessions": segment.uses_sessions(),
                 "depends_on": sorted(segment.referenced_segments()), "topo_order": order}
             if name in plan.unchanged:
                 conn.execute(query("store_segment_order"), params)

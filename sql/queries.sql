@@ -11,6 +11,9 @@ FROM segflow.segment_defs ORDER BY segment_id
 SELECT name, definition_hash FROM segflow.score_defs
 
 -- name: upsert_score --
+-- A changed score's accumulators are stale: evaluations sum events until the next insert
+-- rebuilds them.
+WITH stale AS (DELETE FROM segflow.score_state WHERE score = %(name)s)
 INSERT INTO segflow.score_defs (name, half_life, weights, definition, definition_hash, updated_at)
 VALUES (%(name)s, make_interval(secs => %(half_life_s)s), %(weights)s, %(definition)s, %(hash)s,
         segflow.now())
@@ -30,8 +33,8 @@ SET version = CASE WHEN %(bump)s THEN version + 1 ELSE version END,
     mode = %(mode)s, refresh = make_interval(secs => %(refresh_s)s),
     description = %(description)s, definition = %(definition)s,
     definition_hash = %(hash)s, trigger_types = %(trigger_types)s,
-    trait_sensitive = %(trait_sensitive)s, depends_on = %(depends_on)s,
-    topo_order = %(topo_order)s, active = true,
+    trait_sensitive = %(trait_sensitive)s, reads_sessions = %(reads_sessions)s,
+    depends_on = %(depends_on)s, topo_order = %(topo_order)s, active = true,
     last_refresh_at = CASE WHEN %(mode)s = 'scheduled' THEN segflow.now() END,
     updated_at = segflow.now()
 WHERE segment_id = %(segment_id)s
@@ -39,7 +42,8 @@ WHERE segment_id = %(segment_id)s
 -- name: store_segment_order --
 UPDATE segflow.segment_defs
 SET trigger_types = %(trigger_types)s, trait_sensitive = %(trait_sensitive)s,
-    depends_on = %(depends_on)s, topo_order = %(topo_order)s
+    reads_sessions = %(reads_sessions)s, depends_on = %(depends_on)s,
+    topo_order = %(topo_order)s
 WHERE segment_id = %(segment_id)s
 
 -- name: deactivate_segment --

@@ -426,10 +426,17 @@ DECLARE
     v_new_profiles bigint[];
     v_event_types text[];
 BEGIN
-    IF EXISTS (SELECT 1 FROM new_rows WHERE stored)
-       AND current_setting('segflow.trusted_ingest', true) IS DISTINCT FROM 'on' THEN
-        RAISE EXCEPTION 'segflow.events: stored: is set by segflow, insert without it'
-            USING ERRCODE = 'invalid_parameter_value', COLUMN = 'stored';
+    IF EXISTS (SELECT 1 FROM new_rows WHERE stored) THEN
+        IF current_setting('segflow.trusted_ingest', true) IS DISTINCT FROM 'on' THEN
+            RAISE EXCEPTION 'segflow.events: stored: is set by segflow, insert without it'
+                USING ERRCODE = 'invalid_parameter_value', COLUMN = 'stored';
+        END IF;
+        -- Rows stored directly (bulk loads) bypass the per-profile score and session rows
+        -- kept by the triggers on events_stored: drop them, evaluations read the events.
+        v_profiles := ARRAY(SELECT DISTINCT n.profile_id FROM new_rows n WHERE n.stored);
+        DELETE FROM segflow.score_state WHERE profile_id = ANY (v_profiles);
+        DELETE FROM segflow.session_state WHERE profile_id = ANY (v_profiles);
+        v_profiles := NULL;
     END IF;
 
     SELECT array_agg(n.event_id ORDER BY n.event_id),
@@ -559,7 +566,8 @@ BEGIN
     END IF;
 
     SELECT array_agg(DISTINCT t) INTO v_event_types FROM unnest(v_types) t;
-    PERFORM segflow._after_events(v_profiles, v_event_types, v_now, v_new_profiles);
+    PERFORM segflow._after_events(v_profiles, v_event_types, v_now, v_new_profiles, v_pids,
+                                  v_types);
     RETURN NULL;
 END
 $$;

@@ -15,6 +15,8 @@ CREATE TABLE segflow.segment_defs (
     -- (NULL: any type, e.g. when sessions are involved)
     trigger_types   text[],
     trait_sensitive boolean NOT NULL DEFAULT false,
+    -- reads `within: session` (its own rule or context, not its dependencies')
+    reads_sessions  boolean NOT NULL DEFAULT false,
     depends_on      text[] NOT NULL DEFAULT '{}',
     topo_order      integer NOT NULL DEFAULT 0,
     active          boolean NOT NULL DEFAULT true,
@@ -32,6 +34,127 @@ CREATE TABLE segflow.score_defs (
     definition_hash text NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT segflow.now()
 );
+
+-- Each score per profile as a decayed accumulator, so evaluating a score reads only the
+-- events since the last insert instead of the profile's whole history: value holds
+-- Σ weight·2^(−(ref_at − occurred_at)/half_life) over the weighted events at or before ref_at.
+-- Events with a later occurred_at are read from the table when an evaluation reaches them.
+-- Rows are dropped when their score changes (and for both profiles of a merge); evaluations
+-- without a row, or before ref_at, sum the events themselves.
+CREATE TABLE segflow.score_state (
+    profile_id bigint NOT NULL,
+    score      text NOT NULL,
+    ref_at     timestamptz NOT NULL,
+    value      float8 NOT NULL,
+    -- The latest weighted event at or before ref_at.
+    last_at    timestamptz,
+    PRIMARY KEY (profile_id, score)
+);
+
+-- p_value·2^(−p_halvings), 0 instead of an underflow error below the normal double range
+-- (PostgreSQL raises an error where a float product rounds to 0; subnormals are kept).
+CREATE FUNCTION segflow.decay(p_value float8, p_halvings float8) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN p_value = 0 THEN 0::float8
+        WHEN ln(abs(p_value)) / ln(2::float8) - p_halvings < -1070 THEN 0::float8
+        ELSE p_value * power(2::float8, -p_halvings)
+    END
+$$;
+
+-- When a score p_value at p_at, decaying with half-life p_half_life_s seconds, crosses the
+-- threshold p_threshold (NULL: it never does). A score exactly on the threshold leaves it a
+-- microsecond later. Computed in logarithms, so extreme values neither overflow nor
+-- underflow; beyond p_max_halvings the score is 0 by definition and the caller knows when.
+CREATE FUNCTION segflow.score_crossing(p_value float8, p_threshold float8, p_at timestamptz,
+                                       p_half_life_s float8, p_max_halvings float8)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE
+        WHEN p_threshold <> 0 AND p_value <> 0 AND sign(p_value) = sign(p_threshold)
+             AND abs(p_value) >= abs(p_threshold)
+        THEN greatest(
+            p_at + make_interval(secs => least(
+                p_half_life_s * CASE
+                    WHEN ln(abs(p_value)) - ln(abs(p_threshold)) < 700
+                    THEN ln(p_value / p_threshold)
+                    ELSE ln(abs(p_value)) - ln(abs(p_threshold)) END / ln(2::float8),
+                p_half_life_s * p_max_halvings)),
+            p_at + '1 microsecond'::interval)
+    END
+$$;
+
+-- Brings the score accumulators of the profiles an insert touched up to the statement's
+-- clock time (or keeps a later ref_at): the old value decays, events since ref_at are read
+-- by index, and late events of this statement (at or before ref_at) are added as terms.
+CREATE FUNCTION segflow._events_stored_scores() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_at timestamptz := segflow.now();
+    v_profiles bigint[];
+    v_types text[];
+    v_times timestamptz[];
+BEGIN
+    -- The transition table is read into arrays first: a distributed table cannot be
+    -- written from a SELECT over it (scale-out notes).
+    SELECT array_agg(n.profile_id), array_agg(n.event_type), array_agg(n.occurred_at)
+    INTO v_profiles, v_types, v_times
+    FROM new_rows n
+    WHERE EXISTS (SELECT 1 FROM segflow.score_defs s WHERE s.weights ? n.event_type);
+    IF v_profiles IS NULL THEN
+        RETURN NULL;
+    END IF;
+    WITH batch AS MATERIALIZED (
+        SELECT * FROM unnest(v_profiles, v_types, v_times) n(profile_id, event_type, occurred_at)
+    )
+    INSERT INTO segflow.score_state AS st (profile_id, score, ref_at, value, last_at)
+    SELECT t.profile_id, t.name, r.ref_at,
+           carried.v + coalesce(recent.v, 0) + coalesce(late.v, 0),
+           greatest(o.last_at, recent.last_at, late.last_at)
+    FROM (SELECT DISTINCT n.profile_id, s.name, s.weights,
+                 extract(epoch FROM s.half_life)::float8 AS h,
+                 ARRAY(SELECT jsonb_object_keys(s.weights)) AS types
+          FROM batch n JOIN segflow.score_defs s ON s.weights ? n.event_type) t
+    LEFT JOIN segflow.score_state o ON o.profile_id = t.profile_id AND o.score = t.name
+    CROSS JOIN LATERAL (SELECT greatest(o.ref_at, v_at) AS ref_at) r
+    -- The old value, or 0 once its latest event is 1000 half-lives old (forgotten).
+    CROSS JOIN LATERAL (
+        SELECT CASE
+            WHEN o.profile_id IS NULL OR o.last_at IS NULL THEN 0::float8
+            WHEN extract(epoch FROM r.ref_at - o.last_at)::float8 / t.h >= 1000 THEN 0::float8
+            ELSE segflow.decay(o.value,
+                               extract(epoch FROM r.ref_at - o.ref_at)::float8 / t.h)
+        END AS v) carried
+    CROSS JOIN LATERAL (
+        SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
+                        ELSE segflow.decay(x.weight, x.halvings) END) AS v,
+               max(x.occurred_at) AS last_at
+        FROM (SELECT e.occurred_at, (t.weights ->> e.event_type)::float8 AS weight,
+                     extract(epoch FROM r.ref_at - e.occurred_at)::float8 / t.h AS halvings
+              FROM segflow.events_stored e
+              WHERE e.profile_id = t.profile_id AND e.event_type = ANY (t.types)
+                AND e.occurred_at <= r.ref_at
+                AND (o.ref_at IS NULL OR e.occurred_at > o.ref_at)) x) recent
+    CROSS JOIN LATERAL (
+        SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
+                        ELSE segflow.decay(x.weight, x.halvings) END) AS v,
+               max(x.occurred_at) AS last_at
+        FROM (SELECT n.occurred_at, (t.weights ->> n.event_type)::float8 AS weight,
+                     extract(epoch FROM r.ref_at - n.occurred_at)::float8 / t.h AS halvings
+              FROM batch n
+              WHERE n.profile_id = t.profile_id AND n.event_type = ANY (t.types)
+                AND n.occurred_at <= o.ref_at) x) late
+    ORDER BY t.profile_id, t.name
+    ON CONFLICT (profile_id, score) DO UPDATE
+    SET ref_at = excluded.ref_at, value = excluded.value, last_at = excluded.last_at;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_stored_scores
+    AFTER INSERT ON segflow.events_stored
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_scores();
 
 CREATE TABLE segflow.segment_members (
     segment_id integer NOT NULL,
@@ -81,36 +204,144 @@ LANGUAGE sql STABLE AS $$
         ORDER BY t.transition_id DESC LIMIT 1), false)
 $$;
 
+-- The session holding each profile's latest event at or before ref_at (NULLs: no event
+-- yet), so finding the current session reads only the events since, not the whole session.
+-- Kept by a statement trigger on segflow.events_stored while a realtime segment reads
+-- sessions (otherwise the touched profiles' rows are dropped); rows of another timeout are
+-- ignored; merges drop both profiles' rows.
+CREATE TABLE segflow.session_state (
+    profile_id bigint PRIMARY KEY,
+    ref_at     timestamptz NOT NULL,
+    timeout    interval NOT NULL,
+    start_at   timestamptz,
+    last_at    timestamptz
+);
+
+-- The session (first and latest event) holding the profile's latest event at or before
+-- p_at, reading only events after p_after. A known session (p_known_start, p_known_last,
+-- with no events between p_known_last and p_after) is continued when the oldest newer
+-- event is within the timeout of it.
+CREATE FUNCTION segflow.session_bounds(
+    p_profile_id bigint, p_at timestamptz, p_timeout interval, p_after timestamptz,
+    p_known_start timestamptz, p_known_last timestamptz
+) RETURNS TABLE (start_at timestamptz, last_at timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_last timestamptz;
+    v_start timestamptz;
+    v_split boolean;
+BEGIN
+    SELECT max(e.occurred_at) INTO v_last FROM segflow.events_stored e
+    WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at AND e.occurred_at > p_after;
+    IF v_last IS NULL THEN
+        start_at := p_known_start;
+        last_at := p_known_last;
+        RETURN NEXT;
+        RETURN;
+    END IF;
+    SELECT w.occurred_at, w.prev IS NOT NULL INTO v_start, v_split
+    FROM (SELECT e.occurred_at,
+                 lead(e.occurred_at) OVER (ORDER BY e.occurred_at DESC, e.event_id DESC) AS prev
+          FROM segflow.events_stored e
+          WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at
+            AND e.occurred_at > p_after
+          ORDER BY e.occurred_at DESC, e.event_id DESC) w
+    WHERE w.prev IS NULL OR w.occurred_at - w.prev > p_timeout
+    LIMIT 1;
+    IF NOT v_split AND p_known_last IS NOT NULL AND v_start - p_known_last <= p_timeout THEN
+        v_start := p_known_start;
+    END IF;
+    start_at := v_start;
+    last_at := v_last;
+    RETURN NEXT;
+END
+$$;
+
 -- The profile's current session at p_at: events split wherever two consecutive ones are more
 -- than session_timeout apart; current if its latest event is less than the timeout before p_at.
--- Reads back from the latest event only as far as the session goes.
 CREATE FUNCTION segflow.session_at(p_profile_id bigint, p_at timestamptz)
 RETURNS TABLE (start_at timestamptz, last_at timestamptz, ends_at timestamptz)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_timeout interval := segflow.config_value('session_timeout')::interval;
-    v_last timestamptz;
-    v_start timestamptz;
+    v_state segflow.session_state;
+    v_bounds record;
 BEGIN
-    SELECT max(e.occurred_at) INTO v_last FROM segflow.events_stored e
-    WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at;
-    IF v_last IS NULL OR p_at - v_last >= v_timeout THEN
+    SELECT * INTO v_state FROM segflow.session_state s
+    WHERE s.profile_id = p_profile_id AND s.timeout = v_timeout AND s.ref_at <= p_at;
+    IF FOUND THEN
+        SELECT * INTO v_bounds FROM segflow.session_bounds(
+            p_profile_id, p_at, v_timeout, coalesce(v_state.last_at, v_state.ref_at),
+            v_state.start_at, v_state.last_at);
+    ELSE
+        SELECT * INTO v_bounds FROM segflow.session_bounds(
+            p_profile_id, p_at, v_timeout, '-infinity', NULL, NULL);
+    END IF;
+    IF v_bounds.last_at IS NULL OR p_at - v_bounds.last_at >= v_timeout THEN
         RETURN;
     END IF;
-    SELECT w.occurred_at INTO v_start
-    FROM (SELECT e.occurred_at,
-                 lead(e.occurred_at) OVER (ORDER BY e.occurred_at DESC, e.event_id DESC) AS prev
-          FROM segflow.events_stored e
-          WHERE e.profile_id = p_profile_id AND e.occurred_at <= p_at
-          ORDER BY e.occurred_at DESC, e.event_id DESC) w
-    WHERE w.prev IS NULL OR w.occurred_at - w.prev > v_timeout
-    LIMIT 1;
-    start_at := v_start;
-    last_at := v_last;
-    ends_at := v_last + v_timeout;
+    start_at := v_bounds.start_at;
+    last_at := v_bounds.last_at;
+    ends_at := v_bounds.last_at + v_timeout;
     RETURN NEXT;
 END
 $$;
+
+-- Brings the session rows of the profiles an insert touched up to the statement's clock time.
+-- A late event just before the known session may join it to an earlier one: that profile's
+-- session is found again from its events.
+CREATE FUNCTION segflow._events_stored_sessions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_at timestamptz := segflow.now();
+    v_timeout interval := segflow.config_value('session_timeout')::interval;
+    v_profiles bigint[];
+    v_times timestamptz[];
+BEGIN
+    -- Arrays first: a distributed table cannot be written from a SELECT over the transition
+    -- table (scale-out notes).
+    SELECT array_agg(n.profile_id), array_agg(n.occurred_at) INTO v_profiles, v_times
+    FROM new_rows n;
+    IF v_profiles IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM segflow.segment_defs
+                   WHERE active AND mode = 'realtime' AND reads_sessions) THEN
+        DELETE FROM segflow.session_state WHERE profile_id = ANY (v_profiles);
+        RETURN NULL;
+    END IF;
+    WITH batch AS MATERIALIZED (
+        SELECT * FROM unnest(v_profiles, v_times) n(profile_id, occurred_at)
+    )
+    INSERT INTO segflow.session_state AS st (profile_id, ref_at, timeout, start_at, last_at)
+    SELECT p.profile_id, r.ref_at, v_timeout, b.start_at, b.last_at
+    FROM (SELECT DISTINCT profile_id FROM batch) p
+    LEFT JOIN segflow.session_state o ON o.profile_id = p.profile_id AND o.timeout = v_timeout
+    CROSS JOIN LATERAL (SELECT greatest(o.ref_at, v_at) AS ref_at) r
+    -- The known session can be continued unless a late event (at or before ref_at) lands
+    -- where it could change it: before any known event, or within the timeout before it.
+    CROSS JOIN LATERAL (
+        SELECT o.profile_id IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM batch n
+            WHERE n.profile_id = p.profile_id AND n.occurred_at <= o.ref_at
+              AND NOT coalesce(n.occurred_at > o.last_at OR n.occurred_at >= o.start_at
+                               OR n.occurred_at < o.start_at - v_timeout, false)) AS known) k
+    CROSS JOIN LATERAL segflow.session_bounds(
+        p.profile_id, r.ref_at, v_timeout,
+        CASE WHEN k.known THEN coalesce(o.last_at, o.ref_at) ELSE '-infinity' END,
+        CASE WHEN k.known THEN o.start_at END, CASE WHEN k.known THEN o.last_at END) b
+    ORDER BY p.profile_id
+    ON CONFLICT (profile_id) DO UPDATE
+    SET ref_at = excluded.ref_at, timeout = excluded.timeout, start_at = excluded.start_at,
+        last_at = excluded.last_at;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_stored_sessions
+    AFTER INSERT ON segflow.events_stored
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_sessions();
 
 CREATE FUNCTION segflow._notify(p_segment_id integer) RETURNS void
 LANGUAGE sql AS $$
@@ -130,6 +361,11 @@ DECLARE
     v_changed integer;
     v_version integer;
     v_dependents integer[];
+    v_profiles bigint[];
+    v_ats timestamptz[];
+    v_members boolean[];
+    v_nexts timestamptz[];
+    v_contexts jsonb[];
 BEGIN
     IF p_profile_ids IS NULL OR cardinality(p_profile_ids) = 0 THEN
         RETURN 0;
@@ -140,50 +376,57 @@ BEGIN
     INTO v_version, v_dependents
     FROM segflow.segment_defs d WHERE d.segment_id = p_segment_id;
 
-    EXECUTE format($q$
-        WITH ev AS MATERIALIZED (
-            SELECT e.profile_id, e.at, e.member, e.next_at, e.context
-            FROM segflow_compiled.%I($1, $2) e
-        ), cur AS (
-            SELECT m.profile_id, m.context
-            FROM segflow.segment_members m
-            WHERE m.segment_id = $3 AND m.profile_id = ANY ($1)
-        ), changes AS MATERIALIZED (
-            SELECT ev.profile_id, ev.at, ev.member,
-                   CASE WHEN ev.member THEN ev.context ELSE cur.context END AS context
-            FROM ev LEFT JOIN cur ON cur.profile_id = ev.profile_id
-            WHERE ev.member <> (cur.profile_id IS NOT NULL)
-        ), logged AS (
-            INSERT INTO segflow.transition_log
-                (segment_id, profile_id, kind, effective_at, reason, context, version)
-            SELECT $3, c.profile_id, CASE WHEN c.member THEN 'enter' ELSE 'exit' END, c.at, $4,
-                   coalesce(c.context, '{}'), $6
-            FROM changes c ORDER BY c.profile_id
-        ), entered AS (
-            INSERT INTO segflow.segment_members (segment_id, profile_id, entered_at, context)
-            SELECT $3, c.profile_id, c.at, coalesce(c.context, '{}') FROM changes c WHERE c.member
-        ), exited AS (
-            DELETE FROM segflow.segment_members m USING changes c
-            WHERE m.segment_id = $3 AND m.profile_id = c.profile_id AND NOT c.member
-        ), due AS (
-            INSERT INTO segflow.schedule (segment_id, profile_id, due_at)
-            SELECT $3, ev.profile_id, ev.next_at FROM ev
-            WHERE ev.next_at IS NOT NULL AND NOT $5
-            ON CONFLICT (segment_id, profile_id) DO UPDATE SET due_at = excluded.due_at
-        ), never AS (
-            DELETE FROM segflow.schedule s USING ev
-            WHERE s.segment_id = $3 AND s.profile_id = ev.profile_id
-              AND (ev.next_at IS NULL OR $5)
-        ), dependents AS (
-            INSERT INTO segflow.schedule (segment_id, profile_id, due_at)
-            SELECT d.id, c.profile_id, c.at FROM changes c CROSS JOIN unnest($7::integer[]) d(id)
-            ON CONFLICT (segment_id, profile_id)
-            DO UPDATE SET due_at = least(segflow.schedule.due_at, excluded.due_at)
-        )
-        SELECT count(*)::integer FROM changes
-    $q$, 's' || p_segment_id || '_eval')
-    INTO v_changed
-    USING p_profile_ids, p_ats, p_segment_id, p_reason, p_scheduled, v_version, v_dependents;
+    -- Only the call of the compiled function is dynamic; the statement below is static,
+    -- so PL/pgSQL plans it once per session instead of on every call.
+    EXECUTE format('SELECT array_agg(e.profile_id), array_agg(e.at), array_agg(e.member), '
+                   'array_agg(e.next_at), array_agg(e.context) FROM segflow_compiled.%I($1, $2) e',
+                   's' || p_segment_id || '_eval')
+    INTO v_profiles, v_ats, v_members, v_nexts, v_contexts
+    USING p_profile_ids, p_ats;
+
+    WITH ev AS MATERIALIZED (
+        SELECT * FROM unnest(v_profiles, v_ats, v_members, v_nexts, v_contexts)
+                      e(profile_id, at, member, next_at, context)
+    ), cur AS (
+        SELECT m.profile_id, m.context
+        FROM segflow.segment_members m
+        WHERE m.segment_id = p_segment_id AND m.profile_id = ANY (v_profiles)
+    ), changes AS MATERIALIZED (
+        SELECT ev.profile_id, ev.at, ev.member,
+               CASE WHEN ev.member THEN ev.context ELSE cur.context END AS context
+        FROM ev LEFT JOIN cur ON cur.profile_id = ev.profile_id
+        WHERE ev.member <> (cur.profile_id IS NOT NULL)
+    ), logged AS (
+        INSERT INTO segflow.transition_log
+            (segment_id, profile_id, kind, effective_at, reason, context, version)
+        SELECT p_segment_id, c.profile_id, CASE WHEN c.member THEN 'enter' ELSE 'exit' END,
+               c.at, p_reason, coalesce(c.context, '{}'), v_version
+        FROM changes c ORDER BY c.profile_id
+    ), entered AS (
+        INSERT INTO segflow.segment_members (segment_id, profile_id, entered_at, context)
+        SELECT p_segment_id, c.profile_id, c.at, coalesce(c.context, '{}')
+        FROM changes c WHERE c.member
+    ), exited AS (
+        DELETE FROM segflow.segment_members m USING changes c
+        WHERE m.segment_id = p_segment_id AND m.profile_id = c.profile_id AND NOT c.member
+    ), due AS (
+        INSERT INTO segflow.schedule AS s (segment_id, profile_id, due_at)
+        SELECT p_segment_id, ev.profile_id, ev.next_at FROM ev
+        WHERE ev.next_at IS NOT NULL AND NOT p_scheduled
+        ON CONFLICT (segment_id, profile_id) DO UPDATE SET due_at = excluded.due_at
+        -- Most evaluations find the same next instant: no new row version for those.
+        WHERE s.due_at IS DISTINCT FROM excluded.due_at
+    ), never AS (
+        DELETE FROM segflow.schedule s USING ev
+        WHERE s.segment_id = p_segment_id AND s.profile_id = ev.profile_id
+          AND (ev.next_at IS NULL OR p_scheduled)
+    ), dependents AS (
+        INSERT INTO segflow.schedule AS s (segment_id, profile_id, due_at)
+        SELECT d.id, c.profile_id, c.at FROM changes c CROSS JOIN unnest(v_dependents) d(id)
+        ON CONFLICT (segment_id, profile_id)
+        DO UPDATE SET due_at = least(s.due_at, excluded.due_at)
+    )
+    SELECT count(*)::integer INTO v_changed FROM changes;
 
     IF v_changed > 0 THEN
         PERFORM segflow._notify(p_segment_id);
@@ -233,24 +476,22 @@ END
 $$;
 
 -- Engine hook of the ingest trigger once the events are stored: evaluate the segments these
--- event types can affect, at the transaction's clock time.
--- p_new_profiles (first events ever) are evaluated for every segment.
+-- event types can affect, at the transaction's clock time, for the profiles whose own events
+-- have those types (p_event_profiles/p_event_types: one entry per event; without them every
+-- profile of the batch). p_new_profiles (first events ever) are evaluated for every segment.
 CREATE FUNCTION segflow._after_events(p_profile_ids bigint[], p_types text[], p_at timestamptz,
-                                      p_new_profiles bigint[] DEFAULT NULL)
+                                      p_new_profiles bigint[] DEFAULT NULL,
+                                      p_event_profiles bigint[] DEFAULT NULL,
+                                      p_event_types text[] DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_def record;
-    v_ats timestamptz[];
-    v_new_ats timestamptz[];
+    v_targets bigint[];
     v_total integer := 0;
 BEGIN
-    v_ats := array_fill(p_at, ARRAY[cardinality(p_profile_ids)]);
-    IF p_new_profiles IS NOT NULL THEN
-        v_new_ats := array_fill(p_at, ARRAY[cardinality(p_new_profiles)]);
-    END IF;
     FOR v_def IN
-        SELECT d.segment_id,
+        SELECT d.segment_id, d.trigger_types, d.trait_sensitive,
                (d.trigger_types IS NULL OR d.trigger_types && p_types
                 OR (d.trait_sensitive AND p_types && ARRAY['identify', 'consent_updated']))
                    AS affected
@@ -258,11 +499,21 @@ BEGIN
         WHERE d.active AND d.mode = 'realtime'
         ORDER BY d.topo_order, d.segment_id
     LOOP
-        IF v_def.affected THEN
-            v_total := v_total + segflow._apply(v_def.segment_id, p_profile_ids, v_ats, 'event');
-        ELSIF p_new_profiles IS NOT NULL THEN
-            v_total := v_total + segflow._apply(v_def.segment_id, p_new_profiles, v_new_ats,
-                                                'event');
+        IF v_def.affected AND p_event_profiles IS NULL THEN
+            v_targets := p_profile_ids;
+        ELSIF v_def.affected THEN
+            SELECT array_agg(DISTINCT u.p ORDER BY u.p) INTO v_targets
+            FROM unnest(p_event_profiles, p_event_types) u(p, t)
+            WHERE v_def.trigger_types IS NULL OR u.t = ANY (v_def.trigger_types)
+               OR (v_def.trait_sensitive AND u.t IN ('identify', 'consent_updated'))
+               OR u.p = ANY (p_new_profiles);
+        ELSE
+            v_targets := p_new_profiles;
+        END IF;
+        IF v_targets IS NOT NULL THEN
+            v_total := v_total + segflow._apply(
+                v_def.segment_id, v_targets,
+                array_fill(p_at, ARRAY[cardinality(v_targets)]), 'event');
         END IF;
     END LOOP;
     RETURN v_total;
@@ -318,6 +569,8 @@ BEGIN
     )
     SELECT count(*) INTO v_exits FROM logged;
     DELETE FROM segflow.schedule WHERE profile_id = p_absorbed;
+    DELETE FROM segflow.score_state WHERE profile_id IN (p_survivor, p_absorbed);
+    DELETE FROM segflow.session_state WHERE profile_id IN (p_survivor, p_absorbed);
     IF v_exits > 0 THEN
         PERFORM segflow._notify(0);
     END IF;
