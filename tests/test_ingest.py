@@ -578,3 +578,40 @@ def test_copy_of_10000_rows_runs_the_trigger_once(db: Conn) -> None:
     assert calls["_events_after_insert"] == 1
     assert "resolve_identifiers" not in calls
     assert count_events(db) == 12_000
+
+
+def test_wider_partitions_fit_between_existing_ones(db: Conn) -> None:
+    # Daily partitions exist for 2027-09-01..03 (a Wednesday to Friday); then the width
+    # becomes a week: the new partitions keep to ISO weeks where nothing is in the way.
+    db.execute("SELECT segflow.ensure_partitions('2027-09-01 00:00+00', '2027-09-03 00:00+00')")
+    db.execute("UPDATE segflow.config SET value = 'week' WHERE key = 'partition_width'")
+    created = db.execute(
+        "SELECT segflow.ensure_partitions('2027-08-25 00:00+00', '2027-09-14 00:00+00')"
+    ).fetchone()
+    ranges = db.execute(
+        "SELECT name, from_at, to_at FROM segflow.event_partitions"
+        " WHERE from_at >= '2027-08-23' AND from_at < '2027-09-20' ORDER BY from_at").fetchall()
+    assert created == (5,)
+    assert [(name, f"{a:%m-%d}", f"{b:%m-%d}") for name, a, b in ranges] == [
+        ("events_20270823", "08-23", "08-30"),  # a whole week, Monday to Monday
+        ("events_20270830", "08-30", "09-01"),  # up to the daily partitions
+        ("events_20270901", "09-01", "09-02"),
+        ("events_20270902", "09-02", "09-03"),
+        ("events_20270903", "09-03", "09-04"),
+        ("events_20270904", "09-04", "09-06"),  # the rest of that week
+        ("events_20270906", "09-06", "09-13"),
+        ("events_20270913", "09-13", "09-20"),
+    ]
+    # Events land in them; retention drops a week only once all of it is old enough.
+    db.execute("SET segflow.clock = '2027-09-10 00:00:00+00'")
+    insert_many(db, [event("monday", occurred_at=_ts("2027-08-23 00:00")),
+                     event("sunday", occurred_at=_ts("2027-08-29 23:59:59.999999"))])
+    db.execute("SELECT segflow.apply_retention('12 days')")
+    assert "events_20270823" in partitions(db)
+    db.execute("SELECT segflow.apply_retention('11 days')")
+    assert "events_20270823" not in partitions(db)
+    assert "events_20270830" in partitions(db)
+    assert count_events(db) == 0
+    db.execute("UPDATE segflow.config SET value = 'fortnight' WHERE key = 'partition_width'")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="partition_width"):
+        db.execute("SELECT segflow.ensure_partitions('2030-01-01 00:00+00', '2030-01-01 00:00+00')")

@@ -16,7 +16,8 @@ CREATE TABLE segflow.config (
 INSERT INTO segflow.config (key, value, description) VALUES
     ('session_timeout', '30 minutes', 'gap between two events that ends a session'),
     ('future_tolerance', '5 minutes', 'how far ahead of segflow.now() an occurred_at may be'),
-    ('partitions_ahead', '7', 'daily event partitions kept created ahead of today'),
+    ('partitions_ahead', '7', 'days of event partitions kept created ahead of today'),
+    ('partition_width', 'day', 'time span of a new event partition: day, week or month (fewer partitions make long lookbacks cheaper)'),
     ('retention', '', 'drop event partitions older than this interval; empty keeps everything'),
     ('notify', 'on', 'NOTIFY segflow_transitions when transitions commit (off: consumers poll)');
 
@@ -137,33 +138,70 @@ CREATE INDEX events_profile_type_time ON segflow.events_stored
     (profile_id, event_type, occurred_at, event_id);
 CREATE INDEX events_profile_time ON segflow.events_stored (profile_id, occurred_at, event_id);
 
--- Creates the daily partitions covering [p_from, p_to]; returns how many were created.
+-- The event partitions and their time ranges.
+CREATE VIEW segflow.event_partitions AS
+SELECT c.relname AS name,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                     'FROM \(''([^'']+)''\) TO'))[1]::timestamptz AS from_at,
+       (regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                     'TO \(''([^'']+)''\)'))[1]::timestamptz AS to_at
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'segflow.events_stored'::regclass;
+
+-- Creates the partitions covering [p_from, p_to]; returns how many were created. A new
+-- partition spans the configured width (a UTC day, an ISO week from Monday, or a month),
+-- shortened where partitions of another width already exist, so the width can be changed
+-- at any time. Named events_YYYYMMDD after its first day.
 CREATE FUNCTION segflow.ensure_partitions(p_from timestamptz, p_to timestamptz) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_day date;
-    v_name text;
+    v_width text := coalesce(nullif(segflow.config_value('partition_width'), ''), 'day');
+    v_unit interval;
+    v_t timestamptz := p_from;
+    v_start timestamptz;
+    v_end timestamptz;
+    v_covered timestamptz;
     v_created integer := 0;
 BEGIN
-    FOR v_day IN
-        SELECT d::date FROM generate_series((p_from AT TIME ZONE 'UTC')::date,
-                                            (p_to AT TIME ZONE 'UTC')::date, interval '1 day') d
-    LOOP
-        v_name := 'events_' || to_char(v_day, 'YYYYMMDD');
-        CONTINUE WHEN to_regclass(format('segflow.%I', v_name)) IS NOT NULL;
-        -- Two inserting transactions may need the same new day at once.
-        PERFORM pg_advisory_xact_lock(hashtext('segflow.partition'), v_day - date '2000-01-01');
-        CONTINUE WHEN to_regclass(format('segflow.%I', v_name)) IS NOT NULL;
+    IF v_width NOT IN ('day', 'week', 'month') THEN
+        RAISE EXCEPTION 'segflow.config partition_width: % is not one of day, week, month',
+            v_width USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_unit := CASE v_width WHEN 'day' THEN interval '1 day' WHEN 'week' THEN interval '7 days'
+                           ELSE interval '1 month' END;
+    WHILE v_t <= p_to LOOP
+        SELECT p.to_at INTO v_covered FROM segflow.event_partitions p
+        WHERE p.from_at <= v_t AND v_t < p.to_at;
+        IF v_covered IS NULL THEN
+            -- Two inserting transactions may need the same new partition at once.
+            PERFORM pg_advisory_xact_lock(hashtext('segflow.partition'));
+            SELECT p.to_at INTO v_covered FROM segflow.event_partitions p
+            WHERE p.from_at <= v_t AND v_t < p.to_at;
+        END IF;
+        IF v_covered IS NOT NULL THEN
+            v_t := v_covered;
+            CONTINUE;
+        END IF;
+        v_start := date_trunc(v_width, v_t AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+        v_end := (date_trunc(v_width, v_t AT TIME ZONE 'UTC') + v_unit) AT TIME ZONE 'UTC';
+        SELECT greatest(v_start, max(p.to_at)) INTO v_start FROM segflow.event_partitions p
+        WHERE p.to_at <= v_t;
+        SELECT least(v_end, min(p.from_at)) INTO v_end FROM segflow.event_partitions p
+        WHERE p.from_at > v_t;
         EXECUTE format(
             'CREATE TABLE segflow.%I PARTITION OF segflow.events_stored FOR VALUES FROM (%L) TO (%L)',
-            v_name, v_day::text || ' 00:00:00+00', (v_day + 1)::text || ' 00:00:00+00');
+            'events_' || to_char(v_start AT TIME ZONE 'UTC', 'YYYYMMDD'),
+            to_char(v_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || '+00',
+            to_char(v_end AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || '+00');
         v_created := v_created + 1;
+        v_t := v_end;
     END LOOP;
     RETURN v_created;
 END
 $$;
 
--- Drops daily partitions entirely older than the configured retention; returns how many.
+-- Drops the partitions entirely older than the configured retention; returns how many.
 CREATE FUNCTION segflow.apply_retention(p_retention interval DEFAULT NULL) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -176,15 +214,11 @@ BEGIN
         RETURN 0;
     END IF;
     FOR v_part IN
-        SELECT c.relname
-        FROM pg_inherits i
-        JOIN pg_class c ON c.oid = i.inhrelid
-        WHERE i.inhparent = 'segflow.events_stored'::regclass
-          AND c.relname ~ '^events_[0-9]{8}$'
-          AND to_date(substr(c.relname, 8), 'YYYYMMDD') + 1
-              <= ((segflow.now() - v_retention) AT TIME ZONE 'UTC')::date
+        SELECT p.name FROM segflow.event_partitions p
+        WHERE p.to_at <= segflow.now() - v_retention
+        ORDER BY p.from_at
     LOOP
-        EXECUTE format('DROP TABLE segflow.%I', v_part.relname);
+        EXECUTE format('DROP TABLE segflow.%I', v_part.name);
         v_dropped := v_dropped + 1;
     END LOOP;
     RETURN v_dropped;
