@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -292,8 +293,10 @@ def _ingest(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> int:
 
 
 def create_app(database_url: str | None = None,
-               stream_settings: StreamSettings | None = None) -> FastAPI:
-    """The API bound to ``database_url`` (default: segflow's configured database)."""
+               stream_settings: StreamSettings | None = None,
+               stop: threading.Event | None = None) -> FastAPI:
+    """The API bound to ``database_url`` (default: segflow's configured database). Setting
+    ``stop`` ends open streams, so that a server run in a thread can shut down."""
     if database_url is None:
         from segflow.cluster import database_url as configured_url
 
@@ -430,7 +433,7 @@ def create_app(database_url: str | None = None,
         elif max(start.lo, start.hi) > horizon:
             raise HTTPException(400, f"position {resume!r} is ahead of this database's ledger")
         return EventSourceResponse(
-            event_stream(feed, wakeups, start, names or None, stream_settings),
+            event_stream(feed, wakeups, start, names or None, stream_settings, stop),
             ping=0,  # the stream sends its own heartbeats, with positions
             # A client that stops reading is dropped instead of holding the stream open.
             send_timeout=30,

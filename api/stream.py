@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -218,15 +219,16 @@ class Wakeups:
 
 
 async def event_stream(feed: Feed, wakeups: Wakeups, start: Position,
-                       segments: list[str] | None,
-                       settings: StreamSettings) -> AsyncIterator[ServerSentEvent]:
-    """The SSE messages of one client, from `start` until the client goes away."""
+                       segments: list[str] | None, settings: StreamSettings,
+                       stop: threading.Event | None = None) -> AsyncIterator[ServerSentEvent]:
+    """The SSE messages of one client, from `start` until the client goes away or `stop` is
+    set (a server run in a thread gets no signal, and would wait for its streams to end)."""
     pos = start
     # The start position first, so a client that sees no event still resumes from here.
     yield ServerSentEvent(comment="segflow transitions", id=str(pos), retry=settings.retry_ms)
     sent_id = str(pos)
     last_write = time.monotonic()
-    while True:
+    while stop is None or not stop.is_set():
         wake = wakeups.current()
         try:
             events, pos = await run_in_threadpool(feed.read, pos, segments, settings.page)

@@ -198,8 +198,8 @@ def demo_cmd(
 
         from api.app import create_app
 
-        server = uvicorn.Server(uvicorn.Config(create_app(url), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(url, stop=stop), host="127.0.0.1",
+                                               port=port, log_level="warning"))
         def stop_server() -> None:
             stop.wait()
             server.should_exit = True

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,10 +129,12 @@ class Server:
         return stream
 
 
-@pytest.fixture
-def server(db_url: str) -> Iterator[Server]:
+@contextmanager
+def running_server(db_url: str) -> Iterator[Server]:
+    """The API under uvicorn in a thread, on a free loopback port."""
     settings = StreamSettings(poll_interval=0.2, heartbeat=0.5)
-    config = uvicorn.Config(create_app(db_url, settings), host="127.0.0.1", port=0,
+    stop = threading.Event()
+    config = uvicorn.Config(create_app(db_url, settings, stop), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -144,8 +147,16 @@ def server(db_url: str) -> Iterator[Server]:
     try:
         yield Server(f"http://127.0.0.1:{port}")
     finally:
+        stop.set()
         uv.should_exit = True
-        thread.join(timeout=15)
+        thread.join(timeout=5)
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture
+def server(db_url: str) -> Iterator[Server]:
+    with running_server(db_url) as running:
+        yield running
 
 
 @pytest.fixture
@@ -341,3 +352,16 @@ def test_reconnecting_clients_see_every_transition_once_under_concurrent_writers
     ledger = ledger_ids(conn)
     assert len(ledger) == 4 * 25 + 4 * 9
     assert sorted(received) == ledger  # every one, none twice
+
+
+def test_open_streams_end_when_the_server_stops(db_url: str) -> None:
+    with running_server(db_url) as running:
+        stream = running.open()
+    try:
+        # The server ended the response: the reader sees the end of the stream.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not stream.response.is_closed:
+            time.sleep(0.05)
+        assert stream.response.is_stream_consumed
+    finally:
+        stream.close()
