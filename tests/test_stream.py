@@ -130,9 +130,9 @@ class Server:
 
 
 @contextmanager
-def running_server(db_url: str) -> Iterator[Server]:
+def running_server(db_url: str, settings: StreamSettings | None = None) -> Iterator[Server]:
     """The API under uvicorn in a thread, on a free loopback port."""
-    settings = StreamSettings(poll_interval=0.2, heartbeat=0.5)
+    settings = settings or StreamSettings(poll_interval=0.2, heartbeat=0.5)
     stop = threading.Event()
     config = uvicorn.Config(create_app(db_url, settings, stop), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")
@@ -365,3 +365,27 @@ def test_open_streams_end_when_the_server_stops(db_url: str) -> None:
         assert stream.response.is_stream_consumed
     finally:
         stream.close()
+
+
+def test_a_notification_wakes_the_stream_and_polling_works_without(
+    db_url: str, conn: Conn, segments: None,
+) -> None:
+    with running_server(db_url, StreamSettings(poll_interval=30, heartbeat=60)) as running:
+        stream = running.open()
+        try:
+            assert stream.quiet(1.0) == []  # past the first wake-up, when LISTEN began
+            started = time.monotonic()
+            deposit(conn, "C-1")
+            assert len(stream.transitions(1, timeout=5)) == 1
+            assert time.monotonic() - started < 5  # well before the 30 s poll
+        finally:
+            stream.close()
+    conn.execute("UPDATE segflow.config SET value = 'off' WHERE key = 'notify'")
+    with running_server(db_url, StreamSettings(poll_interval=0.3)) as running:
+        stream = running.open()
+        try:
+            deposit(conn, "C-2")
+            [doc] = stream.transitions(1)
+            assert doc["profile_id"] == profile_of(conn, "C-2")
+        finally:
+            stream.close()
