@@ -53,7 +53,10 @@ class Receiver:
 def serve(receiver: Receiver) -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-            body = self.rfile.read(int(self.headers["Content-Length"]))
+            length = int(self.headers["Content-Length"])
+            body = self.rfile.read(length)
+            if len(body) < length:
+                return  # the sender died while sending: nothing was received
             headers = {k.lower(): v for k, v in self.headers.items()}
             key = headers["x-segflow-delivery"]
             with receiver.lock:
