@@ -250,5 +250,15 @@ async def event_stream(feed: Feed, wakeups: Wakeups, start: Position,
                                   id=str(pos) if str(pos) != sent_id else None)
             sent_id = str(pos)
             last_write = time.monotonic()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), settings.poll_interval)
+        await _wait(wake, settings.poll_interval, stop)
+
+
+async def _wait(wake: asyncio.Event, seconds: float, stop: threading.Event | None) -> None:
+    """Until `wake` is set or `seconds` have passed; `stop` is looked at twice a second."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not (stop and stop.is_set()):
+        try:
+            await asyncio.wait_for(wake.wait(), min(left, 0.5))
+            return
+        except TimeoutError:
+            pass

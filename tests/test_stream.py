@@ -4,9 +4,11 @@ transitions that committed late with a smaller id (CONTRACT §7)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -87,6 +89,13 @@ class Stream:
         return out
 
     def close(self) -> None:
+        # Shut the socket down first: closing it alone does not end the reader thread's
+        # blocking read, and the server would only see the disconnect on its next write.
+        network = self.response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self.response.close()
         self.client.close()
 
