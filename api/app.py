@@ -1,4 +1,4 @@
-"""The segflow HTTP API: event ingest and health.
+"""The segflow HTTP API: event ingest, the transition stream and health.
 
 ``POST /v1/events`` takes a JSON array of events in the ``segflow.events`` ingest shape
 (CONTRACT §2). A batch is handled in three steps, in one transaction:
@@ -14,12 +14,18 @@ Every rejected element is reported by its 0-based index with the field and the r
 raw payload is kept in ``segflow.dead_letters`` (origin ``http``): nothing is lost. The answer
 is ``200`` whenever the batch was processed, even if every element was rejected; only a body
 that is not a non-empty JSON array gets ``422``.
+
+``GET /v1/stream`` sends the transition ledger as Server-Sent Events (see :mod:`api.stream`).
+
+The API has no authentication yet: run it on a private network. API keys would be a FastAPI
+dependency on the routes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -27,7 +33,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -40,7 +46,10 @@ from pydantic import (
     StrictStr,
     ValidationError,
 )
+from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+
+from api.stream import Feed, Position, StreamSettings, Wakeups, event_stream
 
 __all__ = ["EventIn", "IngestResult", "Rejection", "create_app", "parse_occurred_at"]
 
@@ -283,8 +292,11 @@ def _ingest(conn: psycopg.Connection[Any], events: list[dict[str, Any]]) -> int:
     return int(row[0]) if row else 0
 
 
-def create_app(database_url: str | None = None) -> FastAPI:
-    """The API bound to ``database_url`` (default: segflow's configured database)."""
+def create_app(database_url: str | None = None,
+               stream_settings: StreamSettings | None = None,
+               stop: threading.Event | None = None) -> FastAPI:
+    """The API bound to ``database_url`` (default: segflow's configured database). Setting
+    ``stop`` ends open streams, so that a server run in a thread can shut down."""
     if database_url is None:
         from segflow.cluster import database_url as configured_url
 
@@ -297,6 +309,9 @@ def create_app(database_url: str | None = None) -> FastAPI:
         open=False,
     )
     ingestor = _Ingestor(pool)
+    feed = Feed(pool)
+    wakeups = Wakeups(database_url)
+    stream_settings = stream_settings or StreamSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -305,6 +320,7 @@ def create_app(database_url: str | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await wakeups.close()
             pool.close()
 
     app = FastAPI(
@@ -367,6 +383,61 @@ def create_app(database_url: str | None = None) -> FastAPI:
         if len(body) > MAX_BATCH:
             raise HTTPException(422, f"at most {MAX_BATCH} events per request, got {len(body)}")
         return await run_in_threadpool(ingestor, body)
+
+    @app.get(
+        "/v1/stream",
+        tags=["stream"],
+        response_class=EventSourceResponse,
+        responses={
+            200: {
+                "description": "Server-Sent Events: `event: transition`, `data:` one ledger "
+                "row as JSON, `id:` the position to resume after it",
+                "content": {"text/event-stream": {}},
+            },
+            400: {"description": "an unknown segment or an invalid position"},
+            503: {"description": "the database is unreachable"},
+        },
+    )
+    async def stream(
+        segment: Annotated[list[str] | None, Query(
+            description="only these segments: repeat the parameter or separate names with "
+            "commas (default: all)")] = None,
+        last_event_id: Annotated[str | None, Query(
+            description="resume after this event id when the Last-Event-ID header cannot "
+            "be set; 0 replays the whole ledger")] = None,
+        last_event_id_header: Annotated[str | None, Header(
+            alias="Last-Event-ID", description="resume after this event id")] = None,
+    ) -> EventSourceResponse:
+        """Transitions as they commit, as Server-Sent Events.
+
+        Without a position the stream starts now. Every event's ``id`` is a position:
+        reconnecting with it in ``Last-Event-ID`` (which ``EventSource`` does by itself) sends
+        exactly the transitions after it, including ones that committed late with a smaller
+        ``transition_id``. Heartbeat comments every 15 s may carry an ``id`` too.
+        """
+        names = sorted({n.strip() for s in segment or [] for n in s.split(",") if n.strip()})
+        resume = last_event_id_header or last_event_id
+        try:
+            start = Position.parse(resume) if resume else None
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        try:
+            unknown = await run_in_threadpool(feed.unknown_segments, names) if names else []
+            horizon = await run_in_threadpool(feed.horizon)
+        except Exception as exc:  # any failure to reach the database
+            raise HTTPException(503, f"the database is unreachable: {exc}") from None
+        if unknown:
+            raise HTTPException(400, f"unknown segment: {', '.join(unknown)}")
+        if start is None:
+            start = Position.boundary(horizon)
+        elif max(start.lo, start.hi) > horizon:
+            raise HTTPException(400, f"position {resume!r} is ahead of this database's ledger")
+        return EventSourceResponse(
+            event_stream(feed, wakeups, start, names or None, stream_settings, stop),
+            ping=0,  # the stream sends its own heartbeats, with positions
+            # A client that stops reading is dropped instead of holding the stream open.
+            send_timeout=30,
+        )
 
     return app
 

@@ -247,13 +247,17 @@ def leader_tick_loop(url: str, stop: threading.Event, interval: float = 1.0,
 
 
 def run_worker(url: str, stop: threading.Event, *, tick_interval: float = 1.0,
-               poll_interval: float = 1.0, concurrency: int = 16) -> None:
-    """The `segflow worker` process: delivery loop and (leader-only) tick loop."""
+               poll_interval: float = 1.0, concurrency: int = 16,
+               lease: float = 30.0) -> None:
+    """The `segflow worker` process: delivery loop and (leader-only) tick loop. A claim
+    that is not settled within the destination's timeout plus `lease` seconds (its worker
+    died) is taken over by another worker."""
     ticker = threading.Thread(target=leader_tick_loop, args=(url, stop, tick_interval),
                               name="segflow-tick", daemon=True)
     ticker.start()
     try:
-        DeliveryWorker(url, concurrency=concurrency, poll_interval=poll_interval).run(stop)
+        DeliveryWorker(url, concurrency=concurrency, poll_interval=poll_interval,
+                       lease=lease).run(stop)
     finally:
         stop.set()
         ticker.join(timeout=5)

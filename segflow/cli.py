@@ -120,6 +120,9 @@ def worker_cmd(
     poll_interval: Annotated[float, typer.Option(
         help="longest wait for new deliveries without a notification, in seconds")] = 1.0,
     concurrency: Annotated[int, typer.Option(help="deliveries sent at once")] = 16,
+    lease: Annotated[float, typer.Option(
+        help="seconds after a destination's timeout before another worker may take over a "
+        "delivery this one claimed (if it died)")] = 30.0,
 ) -> None:
     """Deliver segment actions to destinations, and run segflow.tick() every second (only
     one of several workers ticks)."""
@@ -131,7 +134,7 @@ def worker_cmd(
     stop = threading.Event()
     try:
         run_worker(_url(), stop, tick_interval=tick_interval, poll_interval=poll_interval,
-                   concurrency=concurrency)
+                   concurrency=concurrency, lease=lease)
     except KeyboardInterrupt:
         stop.set()
 
@@ -196,8 +199,8 @@ def demo_cmd(
 
         from api.app import create_app
 
-        server = uvicorn.Server(uvicorn.Config(create_app(url), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(url, stop=stop), host="127.0.0.1",
+                                               port=port, log_level="warning"))
         def stop_server() -> None:
             stop.wait()
             server.should_exit = True
