@@ -21,7 +21,7 @@ import os
 import random
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -197,9 +197,11 @@ class DeliveryWorker:
             (self.concurrency, self.lease)).fetchall()
         if not rows:
             return 0
-        outcomes = list(pool.map(lambda row: send(self.client, row), rows))
-        for row, outcome in zip(rows, outcomes, strict=True):
-            self._record(conn, row, outcome)
+        # Each outcome is recorded as soon as its send ends: a slow receiver must not hold
+        # back the others' results (a crash meanwhile would send them again).
+        sending = {pool.submit(send, self.client, row): row for row in rows}
+        for done in as_completed(sending):
+            self._record(conn, sending[done], done.result())
         return len(rows)
 
     def _record(self, conn: psycopg.Connection[Any], row: dict[str, Any],

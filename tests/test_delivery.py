@@ -405,3 +405,31 @@ def test_apply_without_destinations_deactivates_them_all(conn: Conn, tmp_path: P
                  " VALUES ('old', 'http://127.0.0.1:1/', 'sms', 'X', '{}')")
     _store_destinations(conn, [])
     assert conn.execute("SELECT active FROM segflow.destinations").fetchall() == [(False,)]
+
+
+def test_a_slow_receiver_does_not_hold_back_other_results(
+    db_url: str, conn: Conn, tmp_path: Path, receiver: Receiver
+) -> None:
+    release = threading.Event()
+
+    def reply(n: int) -> Reply:
+        if n == 1:  # the first request hangs until the test lets it go
+            release.wait(10)
+        return (200, {})
+
+    receiver.reply = reply
+    setup(conn, tmp_path, receiver, depositors({"on": "enter", "destination": "hook"}),
+          timeout="10s")
+    for trader in ("C-1", "C-2", "C-3"):
+        event(conn, "deposit", "2026-12-03T09:10:00Z", trader, amount=5, currency="USD")
+    try:
+        with workers(db_url):
+            # Two deliveries are recorded while the third send is still waiting.
+            wait_for(conn, "(SELECT count(*) = 2 FROM segflow.deliveries"
+                           " WHERE status = 'delivered')")
+            assert [r["status"] for r in deliveries(conn)].count("sending") == 1
+            release.set()
+            wait_for(conn, SETTLED)
+    finally:
+        release.set()
+    assert [r["status"] for r in deliveries(conn)] == ["delivered"] * 3
