@@ -482,14 +482,20 @@ BEGIN
     INTO v_ids, v_types, v_times, v_idents, v_pids, v_amounts, v_currencies, v_usd, v_props,
          v_sources, v_keys, v_ingested, v_problem_id, v_problem
     FROM new_rows n
-    LEFT JOIN LATERAL (SELECT segflow.usd_rate(n.currency, n.occurred_at) AS rate) fx
-           ON n.amount IS NOT NULL
+    -- OFFSET 0 keeps each subquery a unit computed once per row: flattened, its expression
+    -- would be copied into every aggregate that reads it and run once for each.
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN n.amount IS NOT NULL
+                    THEN segflow.usd_rate(n.currency, n.occurred_at) END AS rate
+        OFFSET 0
+    ) fx
     CROSS JOIN LATERAL (
         SELECT coalesce(
             segflow.event_problem(n.event_type, n.occurred_at, n.identifiers, n.profile_id,
                                   n.amount, n.currency, n.properties, v_latest_allowed),
             CASE WHEN n.amount IS NOT NULL AND fx.rate IS NULL
                  THEN segflow.fx_problem(n.currency, n.occurred_at) END) AS problem
+        OFFSET 0
     ) p
     WHERE NOT n.stored;
 
