@@ -657,8 +657,10 @@ BEGIN
 END
 $$;
 
--- Trait changes made with plain SQL re-evaluate the trait-driven segments of those profiles.
-CREATE FUNCTION segflow._profiles_after_update() RETURNS trigger
+-- Profiles written with plain SQL (not by ingest or merges): created ones are evaluated for
+-- every segment at once, updated ones whose traits changed for the trait-driven segments.
+-- One function serves both triggers (a trigger with transition tables fires on one event).
+CREATE FUNCTION segflow._profiles_after_write() RETURNS trigger
 LANGUAGE plpgsql
 -- Compiled segment queries are costed high: JIT would spend seconds compiling each.
 SET jit = off AS $$
@@ -668,11 +670,16 @@ BEGIN
     IF current_setting('segflow.internal', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
-    FROM new_rows n JOIN old_rows o ON o.profile_id = n.profile_id
-    WHERE n.traits IS DISTINCT FROM o.traits AND n.merged_into IS NULL;
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
+        FROM new_rows n WHERE n.merged_into IS NULL;
+    ELSE
+        SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
+        FROM new_rows n JOIN old_rows o ON o.profile_id = n.profile_id
+        WHERE n.traits IS DISTINCT FROM o.traits AND n.merged_into IS NULL;
+    END IF;
     IF v_profiles IS NOT NULL THEN
-        PERFORM segflow._after_traits(v_profiles, segflow.now());
+        PERFORM segflow._after_traits(v_profiles, segflow.now(), TG_OP = 'INSERT');
     END IF;
     RETURN NULL;
 END
@@ -681,29 +688,9 @@ $$;
 CREATE TRIGGER profiles_traits
     AFTER UPDATE ON segflow.profiles
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_update();
-
--- Profiles created with plain SQL (not by ingest) are evaluated for every segment at once.
-CREATE FUNCTION segflow._profiles_after_insert() RETURNS trigger
-LANGUAGE plpgsql
--- Compiled segment queries are costed high: JIT would spend seconds compiling each.
-SET jit = off AS $$
-DECLARE
-    v_profiles bigint[];
-BEGIN
-    IF current_setting('segflow.internal', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
-    FROM new_rows n WHERE n.merged_into IS NULL;
-    IF v_profiles IS NOT NULL THEN
-        PERFORM segflow._after_traits(v_profiles, segflow.now(), true);
-    END IF;
-    RETURN NULL;
-END
-$$;
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_write();
 
 CREATE TRIGGER profiles_created
     AFTER INSERT ON segflow.profiles
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_insert();
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_write();
