@@ -615,3 +615,23 @@ def test_wider_partitions_fit_between_existing_ones(db: Conn) -> None:
     db.execute("UPDATE segflow.config SET value = 'fortnight' WHERE key = 'partition_width'")
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="partition_width"):
         db.execute("SELECT segflow.ensure_partitions('2030-01-01 00:00+00', '2030-01-01 00:00+00')")
+
+
+def test_each_event_is_validated_once_and_converted_only_with_an_amount(db: Conn) -> None:
+    rows = [
+        event(f"once-{n}", identifiers={"crm_id": f"C-{n % 7}"},
+              amount=n if n % 3 else None, currency="EUR" if n % 3 else None)
+        for n in range(300)
+    ]
+    db.execute("SET track_functions = 'all'")
+    with db.transaction():
+        copy_rows(db, rows)
+        calls = dict(
+            db.execute(
+                "SELECT funcname, calls FROM pg_stat_xact_user_functions"
+                " WHERE schemaname = 'segflow'"
+            ).fetchall()
+        )
+    assert calls["event_problem"] == 300
+    assert calls["usd_rate"] == 200
+    assert count_events(db) == 300

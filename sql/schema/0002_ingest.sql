@@ -223,6 +223,9 @@ $$;
 CREATE FUNCTION segflow.resolve_identifiers(p_identifiers jsonb) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_kinds text[];
+    v_values text[];
+    v_owners bigint[];
     v_profiles bigint[];
     v_target bigint;
     v_other bigint;
@@ -233,9 +236,19 @@ BEGIN
     FROM (SELECT DISTINCT hashtextextended(k.key || chr(31) || k.value, 1936025956) h
           FROM jsonb_each_text(p_identifiers) k ORDER BY 1) s;
 
-    SELECT array_agg(DISTINCT i.profile_id ORDER BY i.profile_id) INTO v_profiles
+    -- Each identifier with the profile holding it, one primary-key probe each (LIMIT keeps
+    -- the planner from turning the few probes into a join over the whole table). Merges
+    -- below move identities between profiles but never add or remove one, and the locks
+    -- above keep others from adding these, so the holders found here stay valid.
+    SELECT array_agg(k.key ORDER BY k.key), array_agg(k.value ORDER BY k.key),
+           array_agg(o.profile_id ORDER BY k.key)
+    INTO v_kinds, v_values, v_owners
     FROM jsonb_each_text(p_identifiers) k
-    JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value;
+    LEFT JOIN LATERAL (SELECT i.profile_id FROM segflow.identities i
+                       WHERE i.kind = k.key AND i.value = k.value LIMIT 1) o ON true;
+
+    SELECT array_agg(DISTINCT u.owner ORDER BY u.owner) INTO v_profiles
+    FROM unnest(v_owners) u(owner) WHERE u.owner IS NOT NULL;
 
     IF v_profiles IS NULL THEN
         INSERT INTO segflow.profiles DEFAULT VALUES RETURNING profile_id INTO v_target;
@@ -248,7 +261,7 @@ BEGIN
             FROM (SELECT i.kind, i.value FROM segflow.identities i
                   WHERE i.profile_id = ANY (v_profiles)
                   UNION
-                  SELECT k.key, k.value FROM jsonb_each_text(p_identifiers) k) a
+                  SELECT u.kind, u.value FROM unnest(v_kinds, v_values) u(kind, value)) a
             JOIN segflow.identity_kinds ik ON ik.kind = a.kind
             WHERE ik.max_per_profile IS NOT NULL
             GROUP BY a.kind, ik.max_per_profile
@@ -261,24 +274,24 @@ BEGIN
                 PERFORM segflow.merge_profiles(v_target, v_other);
             END LOOP;
         ELSE
-            SELECT i.profile_id INTO v_target
-            FROM jsonb_each_text(p_identifiers) k
-            JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value
-            LEFT JOIN segflow.identity_kinds ik ON ik.kind = k.key
-            ORDER BY coalesce(ik.priority, 1000000), k.key
+            SELECT u.owner INTO v_target
+            FROM unnest(v_kinds, v_owners) u(kind, owner)
+            LEFT JOIN segflow.identity_kinds ik ON ik.kind = u.kind
+            WHERE u.owner IS NOT NULL
+            ORDER BY coalesce(ik.priority, 1000000), u.kind
             LIMIT 1;
         END IF;
     END IF;
 
     -- Attach the identifiers nobody holds yet, within the kind's per-profile limit.
     INSERT INTO segflow.identities (kind, value, profile_id)
-    SELECT k.key, k.value, v_target
-    FROM jsonb_each_text(p_identifiers) k
-    LEFT JOIN segflow.identity_kinds ik ON ik.kind = k.key
-    WHERE NOT EXISTS (SELECT 1 FROM segflow.identities i WHERE i.kind = k.key AND i.value = k.value)
+    SELECT u.kind, u.value, v_target
+    FROM unnest(v_kinds, v_values, v_owners) u(kind, value, owner)
+    LEFT JOIN segflow.identity_kinds ik ON ik.kind = u.kind
+    WHERE u.owner IS NULL
       AND (ik.max_per_profile IS NULL
            OR (SELECT count(*) FROM segflow.identities i
-               WHERE i.profile_id = v_target AND i.kind = k.key) < ik.max_per_profile)
+               WHERE i.profile_id = v_target AND i.kind = u.kind) < ik.max_per_profile)
     ON CONFLICT DO NOTHING;
     RETURN v_target;
 END
@@ -286,6 +299,9 @@ $$;
 
 -- Profiles for a batch of events, position by position: a set-based fast path for events
 -- whose identifiers all point at one known profile, resolve_identifiers for the rest.
+-- Every identity and profile is read with one primary-key probe per distinct key: the
+-- LATERAL … LIMIT 1 subqueries keep the planner from hash-joining the batch against a
+-- scan of the whole table (it estimates 100 rows per jsonb_each_text).
 CREATE FUNCTION segflow.resolve_batch(p_identifiers jsonb[], p_profile_ids bigint[])
 RETURNS bigint[]
 LANGUAGE plpgsql AS $$
@@ -296,13 +312,17 @@ DECLARE
     v_sets jsonb[] := '{}';
     v_set_profiles bigint[] := '{}';
     v_merges_before bigint;
+    v_kinds text[];
+    v_values text[];
+    v_fast bigint[];
     v_need bigint[];
     v_locked bigint[] := '{}';
 BEGIN
     SELECT u.pid INTO v_unknown
     FROM unnest(p_profile_ids) u(pid)
-    WHERE u.pid IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM segflow.profiles p WHERE p.profile_id = u.pid)
+    LEFT JOIN LATERAL (SELECT p.profile_id FROM segflow.profiles p
+                       WHERE p.profile_id = u.pid LIMIT 1) p ON true
+    WHERE u.pid IS NOT NULL AND p.profile_id IS NULL
     LIMIT 1;
     IF v_unknown IS NOT NULL THEN
         RAISE EXCEPTION 'segflow.events: profile_id: unknown profile %', v_unknown
@@ -321,17 +341,26 @@ BEGIN
                     THEN min(i.profile_id) END AS profile_id
         FROM unnest(p_identifiers, p_profile_ids) WITH ORDINALITY x(idents, pid, ord)
         LEFT JOIN LATERAL jsonb_each_text(x.idents) k ON x.pid IS NULL
-        LEFT JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value
+        LEFT JOIN LATERAL (SELECT i.profile_id FROM segflow.identities i
+                           WHERE i.kind = k.key AND i.value = k.value LIMIT 1) i ON true
         GROUP BY x.ord, x.pid
     ) r;
+
+    -- The slow path's identifiers, each once, and the fast path's profiles.
+    SELECT array_agg(d.key ORDER BY d.key, d.value), array_agg(d.value ORDER BY d.key, d.value)
+    INTO v_kinds, v_values
+    FROM (SELECT DISTINCT k.key, k.value
+          FROM unnest(p_identifiers, v_result) u(idents, pid)
+          CROSS JOIN jsonb_each_text(u.idents) k
+          WHERE u.pid IS NULL) d;
+    SELECT array_agg(DISTINCT u.pid ORDER BY u.pid) INTO v_fast
+    FROM unnest(v_result) u(pid) WHERE u.pid IS NOT NULL;
 
     -- Locks in one ascending round each, identifiers before profiles, as every statement
     -- takes them: set by set, two statements could each hold what the other waits for.
     PERFORM count(pg_advisory_xact_lock(h))
-    FROM (SELECT DISTINCT hashtextextended(k.key || chr(31) || k.value, 1936025956) h
-          FROM unnest(p_identifiers, v_result) u(idents, pid)
-          CROSS JOIN jsonb_each_text(u.idents) k
-          WHERE u.pid IS NULL ORDER BY 1) s;
+    FROM (SELECT DISTINCT hashtextextended(k.kind || chr(31) || k.value, 1936025956) h
+          FROM unnest(v_kinds, v_values) k(kind, value) ORDER BY 1) s;
     -- Then every profile the batch may touch: the fast path's and the current owners of the
     -- slow path's identifiers. Without these locks a concurrent merge could absorb a profile
     -- chosen here and leave events on it. A merge that committed while we waited may have
@@ -344,15 +373,17 @@ BEGIN
             v_locked := '{}';
             LOOP
                 SELECT array_agg(DISTINCT s.p ORDER BY s.p) INTO v_need
-                FROM (SELECT coalesce(p.merged_into, p.profile_id) AS p
-                      FROM unnest(v_result) u(pid)
-                      JOIN segflow.profiles p ON p.profile_id = u.pid
+                FROM (SELECT o.p
+                      FROM unnest(v_fast) u(pid)
+                      CROSS JOIN LATERAL (SELECT coalesce(p.merged_into, p.profile_id) AS p
+                                          FROM segflow.profiles p
+                                          WHERE p.profile_id = u.pid LIMIT 1) o
                       UNION ALL
-                      SELECT i.profile_id
-                      FROM unnest(p_identifiers, v_result) u(idents, pid)
-                      CROSS JOIN jsonb_each_text(u.idents) k
-                      JOIN segflow.identities i ON i.kind = k.key AND i.value = k.value
-                      WHERE u.pid IS NULL) s
+                      SELECT o.profile_id
+                      FROM unnest(v_kinds, v_values) k(kind, value)
+                      CROSS JOIN LATERAL (SELECT i.profile_id FROM segflow.identities i
+                                          WHERE i.kind = k.kind AND i.value = k.value
+                                          LIMIT 1) o) s
                 WHERE s.p <> ALL (v_locked);
                 EXIT locking WHEN v_need IS NULL;
                 PERFORM segflow.lock_profiles(v_need);
@@ -364,7 +395,8 @@ BEGIN
     END LOOP;
     SELECT array_agg(coalesce(p.merged_into, u.pid) ORDER BY u.ord) INTO v_result
     FROM unnest(v_result) WITH ORDINALITY u(pid, ord)
-    LEFT JOIN segflow.profiles p ON p.profile_id = u.pid;
+    LEFT JOIN LATERAL (SELECT p.merged_into FROM segflow.profiles p
+                       WHERE p.profile_id = u.pid LIMIT 1) p ON true;
 
     SELECT max(merge_id) INTO v_merges_before FROM segflow.profile_merges;
 
@@ -390,7 +422,8 @@ BEGIN
     IF (SELECT max(merge_id) FROM segflow.profile_merges) IS DISTINCT FROM v_merges_before THEN
         SELECT array_agg(coalesce(p.merged_into, u.pid) ORDER BY u.ord) INTO v_result
         FROM unnest(v_result) WITH ORDINALITY u(pid, ord)
-        LEFT JOIN segflow.profiles p ON p.profile_id = u.pid;
+        LEFT JOIN LATERAL (SELECT p.merged_into FROM segflow.profiles p
+                           WHERE p.profile_id = u.pid LIMIT 1) p ON true;
     END IF;
     RETURN v_result;
 END
@@ -456,14 +489,20 @@ BEGIN
     INTO v_ids, v_types, v_times, v_idents, v_pids, v_amounts, v_currencies, v_usd, v_props,
          v_sources, v_keys, v_ingested, v_problem_id, v_problem
     FROM new_rows n
-    LEFT JOIN LATERAL (SELECT segflow.usd_rate(n.currency, n.occurred_at) AS rate) fx
-           ON n.amount IS NOT NULL
+    -- OFFSET 0 keeps each subquery a unit computed once per row: flattened, its expression
+    -- would be copied into every aggregate that reads it and run once for each.
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN n.amount IS NOT NULL
+                    THEN segflow.usd_rate(n.currency, n.occurred_at) END AS rate
+        OFFSET 0
+    ) fx
     CROSS JOIN LATERAL (
         SELECT coalesce(
             segflow.event_problem(n.event_type, n.occurred_at, n.identifiers, n.profile_id,
                                   n.amount, n.currency, n.properties, v_latest_allowed),
             CASE WHEN n.amount IS NOT NULL AND fx.rate IS NULL
                  THEN segflow.fx_problem(n.currency, n.occurred_at) END) AS problem
+        OFFSET 0
     ) p
     WHERE NOT n.stored;
 
@@ -626,8 +665,10 @@ BEGIN
 END
 $$;
 
--- Trait changes made with plain SQL re-evaluate the trait-driven segments of those profiles.
-CREATE FUNCTION segflow._profiles_after_update() RETURNS trigger
+-- Profiles written with plain SQL (not by ingest or merges): created ones are evaluated for
+-- every segment at once, updated ones whose traits changed for the trait-driven segments.
+-- One function serves both triggers (a trigger with transition tables fires on one event).
+CREATE FUNCTION segflow._profiles_after_write() RETURNS trigger
 LANGUAGE plpgsql
 -- Compiled segment queries are costed high: JIT would spend seconds compiling each.
 SET jit = off AS $$
@@ -637,11 +678,16 @@ BEGIN
     IF current_setting('segflow.internal', true) = 'on' THEN
         RETURN NULL;
     END IF;
-    SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
-    FROM new_rows n JOIN old_rows o ON o.profile_id = n.profile_id
-    WHERE n.traits IS DISTINCT FROM o.traits AND n.merged_into IS NULL;
+    IF TG_OP = 'INSERT' THEN
+        SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
+        FROM new_rows n WHERE n.merged_into IS NULL;
+    ELSE
+        SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
+        FROM new_rows n JOIN old_rows o ON o.profile_id = n.profile_id
+        WHERE n.traits IS DISTINCT FROM o.traits AND n.merged_into IS NULL;
+    END IF;
     IF v_profiles IS NOT NULL THEN
-        PERFORM segflow._after_traits(v_profiles, segflow.now());
+        PERFORM segflow._after_traits(v_profiles, segflow.now(), TG_OP = 'INSERT');
     END IF;
     RETURN NULL;
 END
@@ -650,29 +696,9 @@ $$;
 CREATE TRIGGER profiles_traits
     AFTER UPDATE ON segflow.profiles
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_update();
-
--- Profiles created with plain SQL (not by ingest) are evaluated for every segment at once.
-CREATE FUNCTION segflow._profiles_after_insert() RETURNS trigger
-LANGUAGE plpgsql
--- Compiled segment queries are costed high: JIT would spend seconds compiling each.
-SET jit = off AS $$
-DECLARE
-    v_profiles bigint[];
-BEGIN
-    IF current_setting('segflow.internal', true) = 'on' THEN
-        RETURN NULL;
-    END IF;
-    SELECT array_agg(n.profile_id ORDER BY n.profile_id) INTO v_profiles
-    FROM new_rows n WHERE n.merged_into IS NULL;
-    IF v_profiles IS NOT NULL THEN
-        PERFORM segflow._after_traits(v_profiles, segflow.now(), true);
-    END IF;
-    RETURN NULL;
-END
-$$;
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_write();
 
 CREATE TRIGGER profiles_created
     AFTER INSERT ON segflow.profiles
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_insert();
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._profiles_after_write();
