@@ -469,6 +469,10 @@ BEGIN
         v_profiles := ARRAY(SELECT DISTINCT n.profile_id FROM new_rows n WHERE n.stored);
         DELETE FROM segflow.score_state WHERE profile_id = ANY (v_profiles);
         DELETE FROM segflow.session_state WHERE profile_id = ANY (v_profiles);
+        PERFORM segflow._note_event_profiles(array_agg(f.profile_id ORDER BY f.profile_id),
+                                             array_agg(f.first_at ORDER BY f.profile_id))
+        FROM (SELECT n.profile_id, min(n.occurred_at) AS first_at FROM new_rows n
+              WHERE n.stored GROUP BY n.profile_id) f;
         v_profiles := NULL;
     END IF;
 
@@ -560,7 +564,7 @@ BEGIN
     -- Profiles seen for the first time: every segment may hold for them, not only those
     -- these event types feed (e.g. "no deposit within 4h").
     SELECT array_agg(p ORDER BY p) INTO v_new_profiles FROM unnest(v_profiles) p
-    WHERE NOT EXISTS (SELECT 1 FROM segflow.events_stored e WHERE e.profile_id = p);
+    WHERE NOT EXISTS (SELECT 1 FROM segflow.event_profiles ep WHERE ep.profile_id = p);
     -- Time-driven changes due up to now are applied before these events exist, so a late
     -- event never counts at an instant before it arrived.
     PERFORM segflow._before_events(v_profiles, v_now);

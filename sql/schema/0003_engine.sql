@@ -35,6 +35,47 @@ CREATE TABLE segflow.score_defs (
     updated_at      timestamptz NOT NULL DEFAULT segflow.now()
 );
 
+-- Profiles that have stored events, with the earliest occurred_at among them: tells a
+-- profile's first events apart without probing every event partition, and bounds how far
+-- back an evaluation can find anything. Kept by a statement trigger on events_stored (and by
+-- the ingest trigger for rows stored directly, and by merges).
+CREATE TABLE segflow.event_profiles (
+    profile_id bigint PRIMARY KEY,
+    first_at   timestamptz NOT NULL
+);
+
+CREATE FUNCTION segflow._events_stored_profiles() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_profiles bigint[];
+    v_firsts timestamptz[];
+BEGIN
+    -- Arrays first: a distributed table cannot be written from a SELECT over the transition
+    -- table (scale-out notes).
+    SELECT array_agg(f.profile_id ORDER BY f.profile_id),
+           array_agg(f.first_at ORDER BY f.profile_id)
+    INTO v_profiles, v_firsts
+    FROM (SELECT n.profile_id, min(n.occurred_at) AS first_at FROM new_rows n
+          GROUP BY n.profile_id) f;
+    PERFORM segflow._note_event_profiles(v_profiles, v_firsts);
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION segflow._note_event_profiles(p_profiles bigint[], p_firsts timestamptz[])
+RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO segflow.event_profiles AS ep (profile_id, first_at)
+    SELECT * FROM unnest(p_profiles, p_firsts)
+    ON CONFLICT (profile_id) DO UPDATE SET first_at = excluded.first_at
+    WHERE excluded.first_at < ep.first_at
+$$;
+
+CREATE TRIGGER events_stored_profiles
+    AFTER INSERT ON segflow.events_stored
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_profiles();
+
 -- Each score per profile as a decayed accumulator, so evaluating a score reads only the
 -- events since the last insert instead of the profile's whole history: value holds
 -- Σ weight·2^(−(ref_at − occurred_at)/half_life) over the weighted events at or before ref_at.
@@ -571,6 +612,10 @@ BEGIN
     DELETE FROM segflow.schedule WHERE profile_id = p_absorbed;
     DELETE FROM segflow.score_state WHERE profile_id IN (p_survivor, p_absorbed);
     DELETE FROM segflow.session_state WHERE profile_id IN (p_survivor, p_absorbed);
+    -- The absorbed profile's events are the survivor's now.
+    PERFORM segflow._note_event_profiles(ARRAY[p_survivor], ARRAY[ep.first_at])
+    FROM segflow.event_profiles ep WHERE ep.profile_id = p_absorbed;
+    DELETE FROM segflow.event_profiles WHERE profile_id = p_absorbed;
     IF v_exits > 0 THEN
         PERFORM segflow._notify(0);
     END IF;
