@@ -72,6 +72,17 @@ def interval(duration: Duration) -> str:
     return f"'{duration.microseconds} microseconds'::interval"
 
 
+def upto(alias: str) -> str:
+    """Events of ``alias`` at or before i.at. The evaluation function's bounds over the whole
+    statement (``v_to``, ``v_floor``: see segment_eval.sql.j2) are plain variables, so the
+    executor drops the partitions outside them before it opens any: without them every read
+    opens every partition, whose number grows with retention."""
+    return (
+        f"{alias}.occurred_at <= i.at AND {alias}.occurred_at <= v_to "
+        f"AND {alias}.occurred_at >= v_floor"
+    )
+
+
 def after(candidate: str) -> str:
     """A change instant only counts when it lies after the evaluation instant."""
     return f"(CASE WHEN ({candidate}) > i.at THEN ({candidate}) END)"
@@ -174,26 +185,31 @@ def filter_sql(flt: EventFilter, alias: str) -> str:
     return " AND ".join(parts)
 
 
-def latest_sql(flt: EventFilter, alias: str = "l") -> str:
-    """The latest matching event at or before i.at (ties: ingested last)."""
+def latest_sql(flt: EventFilter, alias: str = "l", newer_than: Duration | None = None) -> str:
+    """The latest matching event at or before i.at (ties: ingested last); with
+    ``newer_than``, only if it is younger than that at every instant of the statement."""
+    young = (
+        f"AND {alias}.occurred_at > v_from - {interval(newer_than)} " if newer_than else ""
+    )
     return (
         f"SELECT {alias}.* FROM {EVENTS} {alias} "
-        f"WHERE {alias}.profile_id = i.profile_id AND {alias}.occurred_at <= i.at "
+        f"WHERE {alias}.profile_id = i.profile_id AND {upto(alias)} {young}"
         f"AND {filter_sql(flt, alias)} "
         f"ORDER BY {alias}.occurred_at DESC, {alias}.event_id DESC LIMIT 1"
     )
 
 
 def window_sql(window: Window, alias: str) -> str:
-    parts = [f"{alias}.profile_id = i.profile_id", f"{alias}.occurred_at <= i.at"]
+    parts = [f"{alias}.profile_id = i.profile_id", upto(alias)]
     if window.within is not None:
         parts.append(f"{alias}.occurred_at > i.at - {interval(window.within)}")
+        parts.append(f"{alias}.occurred_at > v_from - {interval(window.within)}")
     if window.session:
         parts.append(f"{alias}.occurred_at >= sess.start_at")
     if window.since_last is not None:
         parts.append(
             f"{alias}.occurred_at > (SELECT max(s2.occurred_at) FROM {EVENTS} s2 "
-            f"WHERE s2.profile_id = i.profile_id AND s2.occurred_at <= i.at "
+            f"WHERE s2.profile_id = i.profile_id AND {upto('s2')} "
             f"AND {filter_sql(window.since_last, 's2')})"
         )
     return " AND ".join(parts)
@@ -273,7 +289,7 @@ class _Builder:
                 f"max(e.occurred_at) AS last_at "
                 f"FROM {EVENTS} e JOIN (VALUES {weights}) w(event_type, weight) "
                 f"ON w.event_type = e.event_type "
-                f"WHERE e.profile_id = i.profile_id AND e.occurred_at <= i.at{lower}"
+                f"WHERE e.profile_id = i.profile_id AND {upto('e')}{lower}"
             )
 
         usable = (
@@ -333,7 +349,9 @@ class _Builder:
             if cond.max_age is not None:
                 ok = f"({ok} AND i.at - l.occurred_at < {interval(cond.max_age)})"
                 nx = f"l.occurred_at + {interval(cond.max_age)}"
-            alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
+            # An event older than max_age decides nothing: the latest one is false too.
+            latest = latest_sql(cond.filter, newer_than=cond.max_age)
+            alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest}) l")
             self.nexts.append(after(f"{alias}.nx"))
             return f"coalesce({alias}.ok, false)"
         if isinstance(cond, LastAgeCond):
@@ -479,10 +497,10 @@ def compile_segment(
     if segment.goal is not None and segment.disqualify is not None:
         member = (
             f"({member} AND NOT EXISTS (SELECT 1 FROM {EVENTS} dq "
-            f"WHERE dq.profile_id = i.profile_id AND dq.occurred_at <= i.at "
+            f"WHERE dq.profile_id = i.profile_id AND {upto('dq')} "
             f"AND {filter_sql(segment.disqualify, 'dq')} "
             f"AND dq.occurred_at > (SELECT max(g.occurred_at) FROM {EVENTS} g "
-            f"WHERE g.profile_id = i.profile_id AND g.occurred_at <= i.at "
+            f"WHERE g.profile_id = i.profile_id AND {upto('g')} "
             f"AND {filter_sql(segment.goal, 'g')})))"
         )
     context_pairs = [(key, builder.context_value(value)) for key, value in segment.context]
@@ -492,7 +510,8 @@ def compile_segment(
         builder.nexts.append("sess.ends_at")
     nexts = builder.nexts + [
         f"(SELECT min(f.occurred_at) FROM {EVENTS} f "
-        f"WHERE f.profile_id = i.profile_id AND f.occurred_at > i.at)"
+        f"WHERE f.profile_id = i.profile_id AND f.occurred_at > i.at "
+        f"AND f.occurred_at > v_from)"
     ]
     function = f"s{segment_id}_eval"
     query = TEMPLATES.get_template("segment_query.sql.j2").render(

@@ -79,3 +79,14 @@ def transitions(conn: psycopg.Connection[Any], segment: str,
         "AND (%s::bigint IS NULL OR profile_id = %s) ORDER BY transition_id",
         (segment, profile_id, profile_id)).fetchall()
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def standalone_eval(eval_query: str) -> str:
+    """A compiled evaluation query as a plain statement (for EXPLAIN): the function's
+    parameters and bounds become the named parameters `profiles` and `ats`."""
+    return (eval_query
+            .replace("p_profile_ids", "%(profiles)s::bigint[]")
+            .replace("p_ats", "%(ats)s::timestamptz[]")
+            .replace("v_from", "(SELECT min(a) FROM unnest(%(ats)s::timestamptz[]) a)")
+            .replace("v_to", "(SELECT max(a) FROM unnest(%(ats)s::timestamptz[]) a)")
+            .replace("v_floor", "'-infinity'::timestamptz"))

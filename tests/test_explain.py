@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 
 from compiler.parse import load_paths
 from compiler.render import compile_segment
-from tests.helpers import at, install
+from tests.helpers import at, install, standalone_eval
 
 NOW = datetime(2026, 12, 10, 12, 0, tzinfo=UTC)
 DEFINITION = {
@@ -37,8 +37,7 @@ def explain(conn: psycopg.Connection[Any], tmp_path: Path, profile_id: int) -> d
     ids = {name: sid for name, sid in conn.execute(
         "SELECT name, segment_id FROM segflow.segment_defs").fetchall()}
     compiled = compile_segment(project.segments[DEFINITION["name"]], ids, project.scores, "")
-    query = (compiled.eval_query.replace("p_profile_ids", "%(profiles)s::bigint[]")
-             .replace("p_ats", "%(ats)s::timestamptz[]"))
+    query = standalone_eval(compiled.eval_query)
     conn.execute("SET jit = off")
     row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}",
                        {"profiles": [profile_id], "ats": [NOW]}).fetchone()
@@ -103,3 +102,65 @@ def test_tick_reads_only_due_schedule_rows(conn: psycopg.Connection[Any]) -> Non
     nodes = list(plan_nodes(row[0][0]["Plan"]))
     scans = [n for n in nodes if n.get("Relation Name") == "schedule"]
     assert scans and all(n.get("Index Name") == "schedule_due" for n in scans), scans
+
+
+def nested_plans(conn: psycopg.Connection[Any], statement: str, params: Any,
+                 function: str) -> list[dict[str, Any]]:
+    """The plans auto_explain reports for the statements `function` ran (as JSON)."""
+    conn.execute("LOAD 'auto_explain'")
+    notices: list[tuple[str, str]] = []
+    conn.add_notice_handler(
+        lambda d: notices.append((d.context or "", d.message_primary or "")))
+    for setting, value in (("log_min_duration", "0"), ("log_nested_statements", "on"),
+                           ("log_analyze", "on"), ("log_timing", "off"),
+                           ("log_format", "json"), ("log_level", "notice")):
+        conn.execute(f"SET auto_explain.{setting} = {value}")
+    conn.execute(statement, params)
+    conn.execute("SET auto_explain.log_min_duration = -1")
+    return [json.loads(message.split("plan:", 1)[1])["Plan"] for context, message in notices
+            if "plan:" in message and context.startswith("SQL statement")
+            and f"\nPL/pgSQL function {function}(" in context]
+
+
+def test_evaluation_opens_only_the_partitions_its_instants_can_reach(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    # A year of day partitions, a trader whose events are all from the last two days.
+    at(conn, NOW.isoformat())
+    conn.execute("SELECT segflow.ensure_partitions(%s, %s)", (NOW - timedelta(days=365), NOW))
+    definition = {"name": "mixed", "rule": {"any": [
+        {"events": "deposit", "within": "4h"},
+        {"last": "margin_update", "field": "properties.utilization", "gt": 0.9,
+         "max_age": "1h"},
+        {"last": "login", "age": {"gte": "7d"}},  # reaches back to the trader's first event
+        {"events": "trade", "count": {"gte": 3}},
+    ]}}
+    install(conn, tmp_path, extra={"mixed": definition})
+    for hours in (40, 30, 3, 1):
+        conn.execute(
+            "INSERT INTO segflow.events (event_type, occurred_at, identifiers, properties) "
+            "VALUES ('login', %s, %s, '{}'), ('margin_update', %s, %s, %s)",
+            (NOW - timedelta(hours=hours), Jsonb({"crm_id": "C-1"}),
+             NOW - timedelta(hours=hours), Jsonb({"crm_id": "C-1"}),
+             Jsonb({"utilization": 0.95})))
+    trader = conn.execute("SELECT profile_id FROM segflow.identities WHERE value = 'C-1'"
+                          ).fetchone()
+    segment = conn.execute("SELECT segment_id FROM segflow.segment_defs WHERE name = 'mixed'"
+                           ).fetchone()
+    assert trader is not None and segment is not None
+    function = f"segflow_compiled.s{segment[0]}_eval"
+    for _ in range(2):  # the first call plans; the plan kept is generic
+        plans = nested_plans(conn, f"SELECT * FROM {function}(%s, %s)",
+                             ([trader[0]], [NOW]), function)
+    assert plans
+    appends = [n for plan in plans for n in plan_nodes(plan)
+               if n["Node Type"] in ("Append", "MergeAppend")
+               and any(str(c.get("Relation Name", "")).startswith("events_")
+                       for c in n.get("Plans", []))]
+    assert len(appends) >= 4
+    # 366 partitions exist; each read opens at most the three days its bounds reach (the
+    # trader's first event two days ago, or the window) and the partitions ahead of now.
+    partitions = conn.execute("SELECT count(*) FROM segflow.event_partitions").fetchone()
+    assert partitions is not None and partitions[0] > 360
+    opened = [len(a["Plans"]) for a in appends]
+    assert max(opened) <= 3 + 7, opened

@@ -16,7 +16,16 @@ from psycopg.types.json import Jsonb
 from compiler.parse import load_paths
 from compiler.render import compile_segment
 from segflow.install import apply
-from tests.helpers import at, event, install, members, profile_of, tick, transitions
+from tests.helpers import (
+    at,
+    event,
+    install,
+    members,
+    profile_of,
+    standalone_eval,
+    tick,
+    transitions,
+)
 
 HALF_LIFE = timedelta(days=3)
 WEIGHTS = {"login": 1.0, "page_view": 0.2, "trade": 5.0, "deposit": 10.0}
@@ -88,8 +97,7 @@ def events_rows_read(conn: psycopg.Connection[Any], tmp_path: Path, profile_id: 
     project = load_paths([tmp_path / "definitions"])
     ids = dict(conn.execute("SELECT name, segment_id FROM segflow.segment_defs").fetchall())
     compiled = compile_segment(project.segments["engaged"], ids, project.scores, "")
-    query = (compiled.eval_query.replace("p_profile_ids", "%(profiles)s::bigint[]")
-             .replace("p_ats", "%(ats)s::timestamptz[]"))
+    query = standalone_eval(compiled.eval_query)
     conn.execute("SET jit = off")
     row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}",
                        {"profiles": [profile_id], "ats": [when]}).fetchone()

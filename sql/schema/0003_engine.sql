@@ -135,6 +135,8 @@ DECLARE
     v_profiles bigint[];
     v_types text[];
     v_times timestamptz[];
+    v_floor timestamptz;
+    v_upto timestamptz;
 BEGIN
     -- The transition table is read into arrays first: a distributed table cannot be
     -- written from a SELECT over it (scale-out notes).
@@ -145,6 +147,16 @@ BEGIN
     IF v_profiles IS NULL THEN
         RETURN NULL;
     END IF;
+    -- The range of events the update below can read, as variables: the executor then opens
+    -- only those partitions (the bounds per row come from joins, which it cannot prune on).
+    SELECT coalesce(min(coalesce(o.ref_at, ep.first_at)), '-infinity'),
+           greatest(v_at, max(o.ref_at))
+    INTO v_floor, v_upto
+    FROM (SELECT DISTINCT n.profile_id, s.name
+          FROM unnest(v_profiles, v_types) n(profile_id, event_type)
+          JOIN segflow.score_defs s ON s.weights ? n.event_type) t
+    LEFT JOIN segflow.score_state o ON o.profile_id = t.profile_id AND o.score = t.name
+    LEFT JOIN segflow.event_profiles ep ON ep.profile_id = t.profile_id;
     WITH batch AS MATERIALIZED (
         SELECT * FROM unnest(v_profiles, v_types, v_times) n(profile_id, event_type, occurred_at)
     )
@@ -175,7 +187,8 @@ BEGIN
               FROM segflow.events_stored e
               WHERE e.profile_id = t.profile_id AND e.event_type = ANY (t.types)
                 AND e.occurred_at <= r.ref_at
-                AND (o.ref_at IS NULL OR e.occurred_at > o.ref_at)) x) recent
+                AND (o.ref_at IS NULL OR e.occurred_at > o.ref_at)
+                AND e.occurred_at >= v_floor AND e.occurred_at <= v_upto) x) recent
     CROSS JOIN LATERAL (
         SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
                         ELSE segflow.decay(x.weight, x.halvings) END) AS v,
