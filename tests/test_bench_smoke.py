@@ -71,3 +71,19 @@ def test_history_small(db_url: str) -> None:
     assert report.figures["median_ms_10"] > 0 and report.figures["median_ms_300"] > 0
     assert report.figures["wide_mean_ms_10"] > 0
     assert "Time per event" in report.markdown()
+
+
+def test_writers_small(db_url: str) -> None:
+    report = run_scenario("writers", db_url, "small", quiet())
+    for notify in ("off", "on"):
+        assert report.figures[f"notify_{notify}_events_per_s"] > 0
+        # Every event flips its trader in or out of the segment: one transition each.
+        assert report.figures[f"notify_{notify}_transitions_per_event"] == 1.0
+    assert "What the writers' backends were doing" in report.markdown()
+
+
+def test_latency_small(db_url: str) -> None:
+    report = run_scenario("latency", db_url, "small", quiet())
+    # Every probe's webhook arrives, through the worker subprocess.
+    assert report.figures["received"] > 0 and report.figures["missing"] == 0
+    assert 0 < report.figures["p50_ms"] <= report.figures["p99_ms"]
