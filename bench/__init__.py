@@ -20,7 +20,7 @@ from rich.console import Console
 
 from bench.common import SCALES, Databases, Report, Scale, connect, load_average, wait_for_quiet
 
-SCENARIOS: tuple[str, ...] = ("ingest", "writers", "latency", "tick", "history")
+SCENARIOS: tuple[str, ...] = ("ingest", "writers", "latency", "tick", "history", "backfill")
 DATABASE = "segflow_bench"
 
 __all__ = ["DATABASE", "SCALES", "SCENARIOS", "Report", "Scale", "run", "run_scenario"]

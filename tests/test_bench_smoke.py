@@ -87,3 +87,11 @@ def test_latency_small(db_url: str) -> None:
     # Every probe's webhook arrives, through the worker subprocess.
     assert report.figures["received"] > 0 and report.figures["missing"] == 0
     assert 0 < report.figures["p50_ms"] <= report.figures["p99_ms"]
+
+
+def test_backfill_small(db_url: str) -> None:
+    report = run_scenario("backfill", db_url, "small", quiet())
+    for name in ("vip_depositors", "dormant_7d", "active_traders"):
+        # The hand-written query, preview and apply agree on who is a member.
+        assert report.figures[f"{name}_same"] == 1.0 and report.figures[f"{name}_members"] > 0
+        assert report.figures[f"{name}_apply_ratio"] > 0
