@@ -20,7 +20,8 @@ from rich.console import Console
 
 from bench.common import SCALES, Databases, Report, Scale, connect, load_average, wait_for_quiet
 
-SCENARIOS: tuple[str, ...] = ("ingest", "writers", "latency", "tick", "history", "backfill")
+SCENARIOS: tuple[str, ...] = ("ingest", "writers", "latency", "tick", "history", "backfill",
+                              "matview")
 DATABASE = "segflow_bench"
 
 __all__ = ["DATABASE", "SCALES", "SCENARIOS", "Report", "Scale", "run", "run_scenario"]

@@ -95,3 +95,11 @@ def test_backfill_small(db_url: str) -> None:
         # The hand-written query, preview and apply agree on who is a member.
         assert report.figures[f"{name}_same"] == 1.0 and report.figures[f"{name}_members"] > 0
         assert report.figures[f"{name}_apply_ratio"] > 0
+
+
+def test_matview_small(db_url: str) -> None:
+    report = run_scenario("matview", db_url, "small", quiet())
+    # segflow shows every new member at commit; the view agrees once refreshed.
+    assert report.figures["segflow_visible_at_commit"] == report.figures["probes"] > 0
+    assert report.figures["same_members"] == 1.0
+    assert report.figures["refresh_ms"] > 0
