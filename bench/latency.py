@@ -3,8 +3,8 @@
 A book of the feed's clients (history ending now) with the generated realtime segments
 installed, and the feed's stream of those traders sent at a steady rate (one multi-row
 INSERT every 100 ms, ``occurred_at`` = the wall clock). Alongside, on their own connection,
-probe events at a steady pace: each is the first ``bench_probe`` event of a fresh profile,
-which enters the segment ``bench_probe_seen`` whose ``enter`` action posts to a loopback
+probe events at a steady pace: each is the first ``bench_probe`` event of a trader seen a day
+before, which enters the segment ``bench_probe_seen`` whose ``enter`` action posts to a loopback
 receiver in this process. ``segflow worker`` runs as a subprocess on the database, exactly
 as deployed (it also ticks every second).
 
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,24 @@ from psycopg.types.json import Jsonb
 from rich.console import Console
 
 from bench import segments
-from bench.common import Machine, Report, Scale, connect, fmt_ms, vacuum_analyze
+from bench.common import (
+    FunctionStats,
+    Machine,
+    Report,
+    Scale,
+    connect,
+    fmt_ms,
+    function_stats,
+    grouped_self_ms,
+    stats_delta,
+    track_functions,
+    vacuum_analyze,
+)
 from bench.live import (
     PROBE_TYPE,
     Feeder,
     Receiver,
+    WaitSampler,
     in_thread,
     known_events,
     percentile,
@@ -44,6 +57,7 @@ from bench.live import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_ENV = "SEGFLOW_BENCH_WEBHOOK_SECRET"
+PROBE_APP = "segflow-bench-probe"
 TARGETS = {"p50": 20.0, "p99": 100.0}
 
 
@@ -81,20 +95,21 @@ class Probes:
     commits: dict[int, float]  # profile → time.time() after COMMIT returned
     sent: dict[int, float]  # profile → time.time() before the INSERT was sent
     commit_ms: list[float]
+    stats: FunctionStats = field(default_factory=dict)  # the probe session's functions
     error: BaseException | None = None
 
 
 def _probe(url: str, crm_ids: list[tuple[int, str]], per_s: float, probes: Probes,
            stop: threading.Event) -> None:
     try:
-        with connect(url, application_name="segflow-bench-probe") as conn:
+        with connect(url, application_name=PROBE_APP) as conn:
+            tracked = track_functions(conn)
+            before = function_stats(conn) if tracked else {}
             started = time.monotonic()
             for n, (pid, crm) in enumerate(crm_ids):
                 wait = started + n / per_s - time.monotonic()
-                if wait > 0 and stop.wait(wait):
-                    return
-                if stop.is_set():
-                    return
+                if stop.wait(max(0.0, wait)):
+                    break
                 probes.sent[pid] = time.time()
                 t0 = time.perf_counter()
                 conn.execute(
@@ -103,6 +118,8 @@ def _probe(url: str, crm_ids: list[tuple[int, str]], per_s: float, probes: Probe
                     (PROBE_TYPE, Jsonb({"crm_id": crm}), Jsonb({"n": n}), f"probe-{pid}"))
                 probes.commits[pid] = time.time()
                 probes.commit_ms.append((time.perf_counter() - t0) * 1000)
+            if tracked:
+                probes.stats = stats_delta(function_stats(conn), before)
     except BaseException as error:
         probes.error = error
 
@@ -133,7 +150,7 @@ def run(url: str, scale: Scale, console: Console) -> Report:
         console.print(f"loading {cfg.traders:,} traders' history", highlight=False)
         feed, book = realtime_book(conn, cfg.traders)
         first = book.next_profile + 1000
-        crm = probe_profiles(conn, first, n_probes)
+        crm = probe_profiles(conn, first, n_probes, seen=True)
         probe_ids = list(zip(range(first, first + n_probes), crm, strict=True))
         events = known_events(feed, book, int(cfg.rate * (cfg.seconds + 30)))
     with Receiver(secret.encode()) as receiver, tempfile.TemporaryDirectory(
@@ -161,6 +178,8 @@ def run(url: str, scale: Scale, console: Console) -> Report:
             stop = threading.Event()
             feeder = Feeder(url, events, cfg.rate)
             probes = Probes({}, {}, [])
+            sampler = WaitSampler(url, (feeder.application_name, PROBE_APP))
+            sampling = in_thread(sampler.run, stop, "sampler")
             feeding = in_thread(feeder.run, stop, "feed")
             time.sleep(1.0)  # the feed at its pace before the first measured probe
             probing = in_thread(
@@ -168,7 +187,8 @@ def run(url: str, scale: Scale, console: Console) -> Report:
                                  s), stop, "probe")
             probing.join(timeout=cfg.seconds + 30)
             stop.set()
-            feeding.join()
+            for thread in (probing, feeding, sampling):
+                thread.join()
             for thing in (feeder, probes):
                 if thing.error:
                     raise thing.error
@@ -197,7 +217,8 @@ def run(url: str, scale: Scale, console: Console) -> Report:
         f"{feeder.sent / max(feeder.elapsed_s, 1e-9):,.0f} events/s; statement median "
         f"{percentile(behind, 0.5) * 1000:.0f} ms, p99 {percentile(behind, 0.99) * 1000:.0f} ms)",
         f"probes: {cfg.probes_per_s:g}/s on their own connection, single-row INSERT in "
-        f"autocommit, each a fresh profile's first probe event ({len(probes.commits)} "
+        f"autocommit, each the first probe event of a trader seen a day ago "
+        f"({len(probes.commits)} "
         f"measured after {cfg.warmup_probes} untimed)",
         "worker: `segflow worker` as a subprocess (defaults: 16 sends at once, 1 s poll, "
         "woken by NOTIFY, ticking every second)",
@@ -220,6 +241,21 @@ def run(url: str, scale: Scale, console: Console) -> Report:
     report.figures["received"] = len(latencies)
     report.figures["missing"] = missing
     report.figures["stream_events_per_s"] = feeder.sent / max(feeder.elapsed_s, 1e-9)
+    waits = report.table(
+        "What the feed's and the probes' backends were doing (share of pg_stat_activity "
+        "samples every 20 ms)", ["connection", "state / wait event", "share"])
+    for app, label in ((PROBE_APP, "probes"), (feeder.application_name, "stream")):
+        for what, share in sampler.shares(f"{app} — ", top=5):
+            waits.rows.append([label, what, f"{share:.0%}"])
+    if probes.stats:
+        n = max(1, len(probes.commit_ms))
+        where = report.table("Where a probe's INSERT spends its time (ms per probe, function "
+                             "self time, track_functions = all)", ["part", "ms"])
+        for group, ms in sorted(grouped_self_ms(probes.stats).items(), key=lambda kv: -kv[1]):
+            where.rows.append([group, fmt_ms(ms / n)])
+        evaluated = sum(c for k, (c, _, _) in probes.stats.items()
+                        if k.startswith("segflow_compiled."))
+        report.notes.append(f"compiled segment evaluations per probe: {evaluated / n:.1f}")
     report.notes.append(f"deliveries written during the run: {deliveries:,}; "
                         f"rejected signatures: {receiver.rejected}")
     if missing:

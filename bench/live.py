@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from bench.common import connect
-from bench.population import Book, add_profiles, load_book
+from bench.population import Book, add_profiles, load_book, trusted_copy
 from segflow.feed import TraderFeed, insert_rows
 
 # Event type of probe events: no generated segment reads it, so a probe changes only the
@@ -74,12 +74,20 @@ def known_events(feed: TraderFeed, book: Book, n: int) -> list[dict[str, Any]]:
 
 
 def probe_profiles(conn: psycopg.Connection[Any], first: int, n: int,
-                   traits: dict[str, Any] | None = None) -> list[str]:
-    """``n`` profiles (ids from ``first``) known by ``crm_id`` ``P-…``; returns the ids."""
+                   traits: dict[str, Any] | None = None, *, seen: bool = False) -> list[str]:
+    """``n`` profiles (ids from ``first``) known by ``crm_id`` ``P-…``; returns the ids.
+
+    ``seen``: each has a login a day ago, so that its next event is not its first (a first
+    event evaluates every segment, the next ones only those its type can change)."""
     created = utcnow() - dt.timedelta(days=30)
     crm = [f"P-{first + i:07d}" for i in range(n)]
     add_profiles(conn, [(first + i, traits or {"tier": "gold"}, created) for i in range(n)],
                  [("crm_id", c, first + i, created) for i, c in enumerate(crm)])
+    if seen:
+        at = utcnow() - dt.timedelta(days=1)
+        trusted_copy(conn, [("login", at, {"crm_id": c}, None, None, {"platform": "web"},
+                             "bench", f"seen-{first + i}", first + i, None, True)
+                            for i, c in enumerate(crm)])
     return crm
 
 
@@ -160,33 +168,41 @@ def backend_cpu_s(pid: int | None) -> float | None:
 
 @dataclass
 class WaitSampler:
-    """Samples what the backends of ``application_name`` are doing every ``period`` s
-    (pg_stat_activity: wait event, or CPU when active without one)."""
+    """Samples what the backends of ``application_name`` (one or several) are doing every
+    ``period`` s: pg_stat_activity's wait event, or CPU when active without one. With
+    several names, each count is prefixed with the name."""
 
     url: str
-    application_name: str
+    application_name: str | tuple[str, ...]
     period: float = 0.02
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     samples: int = 0
 
     def run(self, stop: threading.Event) -> None:
+        names = ([self.application_name] if isinstance(self.application_name, str)
+                 else list(self.application_name))
         with connect(self.url, application_name="segflow-bench-sampler") as conn:
             while not stop.is_set():
                 rows = conn.execute(
-                    "SELECT state, wait_event_type, wait_event FROM pg_stat_activity "
-                    "WHERE application_name = %s", (self.application_name,)).fetchall()
-                for state, wait_type, wait in rows:
+                    "SELECT application_name, state, wait_event_type, wait_event "
+                    "FROM pg_stat_activity WHERE application_name = ANY (%s)",
+                    (names,)).fetchall()
+                for app, state, wait_type, wait in rows:
                     if state == "active":
-                        self.counts[f"{wait_type}: {wait}" if wait_type else "CPU (no wait)"] += 1
+                        what = f"{wait_type}: {wait}" if wait_type else "CPU (no wait)"
                     else:
-                        self.counts[f"{state} (client side)"] += 1
+                        what = f"{state} (client side)"
+                    self.counts[what if len(names) == 1 else f"{app} — {what}"] += 1
                 self.samples += 1
                 # pg_stat_activity is a snapshot per transaction: leave it each time.
                 stop.wait(self.period)
 
-    def shares(self, top: int = 6) -> list[tuple[str, float]]:
-        total = sum(self.counts.values()) or 1
-        return [(name, n / total) for name, n in self.counts.most_common(top)]
+    def shares(self, prefix: str = "", top: int = 6) -> list[tuple[str, float]]:
+        """The most frequent states among the counts starting with ``prefix``."""
+        chosen = {k: n for k, n in self.counts.items() if k.startswith(prefix)}
+        total = sum(chosen.values()) or 1
+        ordered = sorted(chosen.items(), key=lambda kv: -kv[1])[:top]
+        return [(name[len(prefix):], n / total) for name, n in ordered]
 
 
 def in_thread(target: Any, stop: threading.Event, name: str) -> threading.Thread:
