@@ -58,16 +58,20 @@ DEFINITIONS: tuple[Definition, ...] = (
          "rule": {"all": [{"trait": "tier", "in": ["gold", "platinum"]},
                           {"events": "deposit", "within": "30d",
                            "sum": {"field": "amount_usd", "gte": 1000}}]}},
+        # Traits compared as jsonb, and the profile looked up per aggregated row: with
+        # `traits ->> 'tier'` and a join, the planner expects one matching profile and
+        # rescans the whole aggregate once per gold trader (27× slower at 5k traders).
         """
-        SELECT p.profile_id
-        FROM segflow.profiles p
-        JOIN (SELECT e.profile_id, sum(e.amount_usd) AS total
+        SELECT d.profile_id
+        FROM (SELECT e.profile_id, sum(e.amount_usd) AS total
               FROM segflow.events_stored e
               WHERE e.event_type = 'deposit'
                 AND e.occurred_at > %(at)s - interval '30 days' AND e.occurred_at <= %(at)s
-              GROUP BY e.profile_id) d ON d.profile_id = p.profile_id
-        WHERE p.merged_into IS NULL AND p.traits ->> 'tier' IN ('gold', 'platinum')
-          AND jsonb_typeof(p.traits -> 'tier') = 'string' AND d.total >= 1000
+              GROUP BY e.profile_id) d
+        WHERE d.total >= 1000
+          AND EXISTS (SELECT FROM segflow.profiles p
+                      WHERE p.profile_id = d.profile_id AND p.merged_into IS NULL
+                        AND p.traits -> 'tier' IN ('"gold"', '"platinum"'))
         """),
     Definition(
         {"name": "dormant_7d", "description": "no login for 7 days",
