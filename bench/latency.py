@@ -73,7 +73,7 @@ class LatencyScale:
 
 SCALES: dict[Scale, LatencyScale] = {
     "small": LatencyScale(200, 3, 20.0, 5.0, 4.0, warmup_probes=2),
-    "medium": LatencyScale(5_000, 100, 50.0, 10.0, 60.0),
+    "medium": LatencyScale(5_000, 100, 5.0, 2.0, 90.0),
     "full": LatencyScale(1_000_000, 100, 1_000.0, 20.0, 300.0),
 }
 
