@@ -14,10 +14,11 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,8 +30,8 @@ from bench.common import connect
 from bench.population import Book, add_profiles, load_book, trusted_copy
 from segflow.feed import TraderFeed, insert_rows
 
-# Event type of probe events: no generated segment reads it, so a probe changes only the
-# segment built to observe it.
+# Event type of probe events: no generated segment counts it (session segments still see it as
+# activity), so a probe makes its trader enter only the segment built to observe it.
 PROBE_TYPE = "bench_probe"
 
 
@@ -43,7 +44,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         return float("nan")
-    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
     return ordered[rank]
 
 
@@ -272,8 +273,3 @@ def probe_event(crm_id: str, key: str, properties: dict[str, Any],
                 event_type: str = PROBE_TYPE) -> dict[str, Any]:
     return {"event_type": event_type, "occurred_at": utcnow(), "identifiers": {"crm_id": crm_id},
             "properties": properties, "source": "bench", "event_key": key}
-
-
-def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
