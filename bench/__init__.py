@@ -1,4 +1,4 @@
-"""segflow's benchmarks (`segflow bench ingest|tick|history|all [--scale …]`).
+"""segflow's benchmarks (`segflow bench <scenario>|all [--scale …]`, scenarios in SCENARIOS).
 
 Each scenario runs in a database of its own on the configured server, prints its figures
 and writes them, with the machine, the PostgreSQL version and settings and the load
@@ -20,7 +20,8 @@ from rich.console import Console
 
 from bench.common import SCALES, Databases, Report, Scale, connect, load_average, wait_for_quiet
 
-SCENARIOS: tuple[str, ...] = ("ingest", "tick", "history")
+SCENARIOS: tuple[str, ...] = ("ingest", "writers", "latency", "tick", "history", "backfill",
+                              "matview")
 DATABASE = "segflow_bench"
 
 __all__ = ["DATABASE", "SCALES", "SCENARIOS", "Report", "Scale", "run", "run_scenario"]

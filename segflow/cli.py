@@ -218,7 +218,8 @@ def demo_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    scenario: Annotated[str, typer.Argument(help="ingest, tick, history or all")],
+    scenario: Annotated[str, typer.Argument(
+        help="ingest, writers, latency, tick, history, backfill, matview or all")],
     scale: Annotated[str, typer.Option(help="small (seconds), medium (minutes), full")] = "medium",
     output: Annotated[Path | None, typer.Option(help="markdown file for the figures")] = Path(
         "BENCHMARKS.md"),

@@ -71,3 +71,35 @@ def test_history_small(db_url: str) -> None:
     assert report.figures["median_ms_10"] > 0 and report.figures["median_ms_300"] > 0
     assert report.figures["wide_mean_ms_10"] > 0
     assert "Time per event" in report.markdown()
+
+
+def test_writers_small(db_url: str) -> None:
+    report = run_scenario("writers", db_url, "small", quiet())
+    for notify in ("off", "on"):
+        assert report.figures[f"notify_{notify}_events_per_s"] > 0
+        # Every event flips its trader in or out of the segment: one transition each.
+        assert report.figures[f"notify_{notify}_transitions_per_event"] == 1.0
+    assert "What the writers' backends were doing" in report.markdown()
+
+
+def test_latency_small(db_url: str) -> None:
+    report = run_scenario("latency", db_url, "small", quiet())
+    # Every probe's webhook arrives, through the worker subprocess.
+    assert report.figures["received"] > 0 and report.figures["missing"] == 0
+    assert 0 < report.figures["p50_ms"] <= report.figures["p99_ms"]
+
+
+def test_backfill_small(db_url: str) -> None:
+    report = run_scenario("backfill", db_url, "small", quiet())
+    for name in ("vip_depositors", "dormant_7d", "active_traders"):
+        # The hand-written query, preview and apply agree on who is a member.
+        assert report.figures[f"{name}_same"] == 1.0 and report.figures[f"{name}_members"] > 0
+        assert report.figures[f"{name}_apply_ratio"] > 0
+
+
+def test_matview_small(db_url: str) -> None:
+    report = run_scenario("matview", db_url, "small", quiet())
+    # segflow shows every new member at commit; the view agrees once refreshed.
+    assert report.figures["segflow_visible_at_commit"] == report.figures["probes"] > 0
+    assert report.figures["same_members"] == 1.0
+    assert report.figures["refresh_ms"] > 0
