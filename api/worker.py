@@ -39,6 +39,7 @@ log = logging.getLogger("segflow.worker")
 CHANNEL = "segflow_transitions"
 # Session advisory lock held by the ticking worker; released when its connection ends.
 TICK_LOCK_KEY = 0x73656766_7469636B  # "segftick"
+RELAY_LOCK_KEY = 0x73656766_6E6F7479  # "segfnoty"
 SIGNATURE_HEADER = "X-Segflow-Signature"
 DELIVERY_HEADER = "X-Segflow-Delivery"
 MAX_RETRY_AFTER = 3600.0
@@ -248,6 +249,45 @@ def leader_tick_loop(url: str, stop: threading.Event, interval: float = 1.0,
             stop.wait(interval)
 
 
+def notify_relay_loop(url: str, stop: threading.Event, interval: float = 0.01) -> None:
+    """With `notify = relay`, announces new transitions on behalf of the transactions that
+    wrote them: each NOTIFY makes its transaction take an instance-wide lock at commit, which
+    serialises many small writers. One worker (the holder of the relay lock) watches the
+    ledger's newest id and sends one wake-up per change it sees."""
+    last: int | None = None
+    while not stop.is_set():
+        try:
+            with connect(url, autocommit=True) as conn:
+                leader = False
+                while not stop.is_set():
+                    row = conn.execute("SELECT segflow.config_value('notify') AS mode"
+                                       ).fetchone()
+                    if row is None or row["mode"] != "relay":
+                        stop.wait(1.0)
+                        continue
+                    if not leader:
+                        row = conn.execute("SELECT pg_try_advisory_lock(%s) AS ok",
+                                           (RELAY_LOCK_KEY,)).fetchone()
+                        leader = bool(row and row["ok"])
+                        if not leader:
+                            stop.wait(1.0)
+                            continue
+                        log.info("this worker now relays transition notifications")
+                    for _ in range(100):  # re-read the mode every 100 polls
+                        row = conn.execute("SELECT coalesce(max(transition_id), 0) AS id"
+                                           " FROM segflow.transition_log").fetchone()
+                        newest = int(row["id"]) if row else 0
+                        if last is not None and newest != last:
+                            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(
+                                {"relay": True, "transition_id": newest})))
+                        last = newest
+                        if stop.wait(interval):
+                            break
+        except psycopg.Error as error:
+            log.warning("notify relay: %s; reconnecting", error)
+            stop.wait(1.0)
+
+
 def run_worker(url: str, stop: threading.Event, *, tick_interval: float = 1.0,
                poll_interval: float = 1.0, concurrency: int = 16,
                lease: float = 30.0) -> None:
@@ -256,13 +296,17 @@ def run_worker(url: str, stop: threading.Event, *, tick_interval: float = 1.0,
     died) is taken over by another worker."""
     ticker = threading.Thread(target=leader_tick_loop, args=(url, stop, tick_interval),
                               name="segflow-tick", daemon=True)
+    relay = threading.Thread(target=notify_relay_loop, args=(url, stop),
+                             name="segflow-notify-relay", daemon=True)
     ticker.start()
+    relay.start()
     try:
         DeliveryWorker(url, concurrency=concurrency, poll_interval=poll_interval,
                        lease=lease).run(stop)
     finally:
         stop.set()
         ticker.join(timeout=5)
+        relay.join(timeout=5)
 
 
 def retry_dead(url: str, delivery_id: int | None) -> int:

@@ -19,7 +19,7 @@ INSERT INTO segflow.config (key, value, description) VALUES
     ('partitions_ahead', '7', 'days of event partitions kept created ahead of today'),
     ('partition_width', 'day', 'time span of a new event partition: day, week or month (fewer partitions make long lookbacks cheaper)'),
     ('retention', '', 'drop event partitions older than this interval; empty keeps everything'),
-    ('notify', 'on', 'NOTIFY segflow_transitions when transitions commit (off: consumers poll)');
+    ('notify', 'on', 'NOTIFY segflow_transitions: on (by the transaction that writes the transition), relay (by the segflow worker, for many small writers), off (consumers poll)');
 
 CREATE FUNCTION segflow.config_value(p_key text) RETURNS text
 LANGUAGE sql STABLE AS $$
