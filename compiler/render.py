@@ -299,7 +299,7 @@ class _Builder:
             f"CASE WHEN st.last_at IS NULL OR extract(epoch FROM (i.at - st.last_at))::float8 "
             f"/ {half_life} >= {forgotten} THEN 0::float8 "
             f"ELSE segflow.decay(st.value, "
-            f"extract(epoch FROM (i.at - st.ref_at))::float8 / {half_life}) END"
+            f"extract(epoch FROM (i.at - st.last_at))::float8 / {half_life}) END"
         )
         # LIMIT 1: the whole-history branch only runs when there is no usable accumulator.
         return (

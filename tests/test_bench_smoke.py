@@ -75,7 +75,7 @@ def test_history_small(db_url: str) -> None:
 
 def test_writers_small(db_url: str) -> None:
     report = run_scenario("writers", db_url, "small", quiet())
-    for notify in ("off", "on"):
+    for notify in ("off", "on", "relay"):
         assert report.figures[f"notify_{notify}_events_per_s"] > 0
         # Every event flips its trader in or out of the segment: one transition each.
         assert report.figures[f"notify_{notify}_transitions_per_event"] == 1.0

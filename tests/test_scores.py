@@ -39,11 +39,12 @@ def direct_score(events: list[tuple[str, datetime]], at_: datetime) -> float:
                for kind, o in events if o <= at_)
 
 
-def state(conn: psycopg.Connection[Any], profile_id: int) -> tuple[datetime, float]:
-    row = conn.execute("SELECT ref_at, value FROM segflow.score_state "
+def state(conn: psycopg.Connection[Any], profile_id: int) -> tuple[datetime, float, datetime]:
+    """(ref_at, value, last_at): the score of the events up to ref_at, as of last_at."""
+    row = conn.execute("SELECT ref_at, value, last_at FROM segflow.score_state "
                        "WHERE profile_id = %s AND score = 'engagement'", (profile_id,)).fetchone()
     assert row is not None, "no accumulator"
-    return row[0], row[1]
+    return row[0], row[1], row[2]
 
 
 def test_accumulator_equals_the_sum_over_events_with_late_and_future_events(
@@ -69,9 +70,10 @@ def test_accumulator_equals_the_sum_over_events_with_late_and_future_events(
         at(conn, clock.isoformat())
         event(conn, kind, occurred.isoformat(), "C-1")
         seen.append((kind, occurred))
-        ref_at, value = state(conn, profile_of(conn, "C-1"))
+        ref_at, value, last_at = state(conn, profile_of(conn, "C-1"))
         assert ref_at == clock
-        assert math.isclose(value, direct_score(seen, ref_at), rel_tol=1e-12), (kind, occurred)
+        assert last_at == max(o for _, o in seen if o <= ref_at)
+        assert math.isclose(value, direct_score(seen, last_at), rel_tol=1e-12), (kind, occurred)
 
     # Membership follows the formula: the trader enters `engaged` (gte 20) when the future
     # deposit comes due and leaves at the exact instant the decaying score crosses 20.
@@ -196,8 +198,8 @@ def test_merge_and_changed_weights_rebuild_the_accumulator(
           identifiers={"anonymous_id": "anon-4", "crm_id": "C-4"})
     merged = [("trade", START), ("deposit", START), ("login", later)]
     assert members(conn, "engaged") == set()  # 5 + 10 + 1 on one profile now
-    ref_at, value = state(conn, known)
-    assert math.isclose(value, direct_score(merged, ref_at), rel_tol=1e-12)
+    _, value, last_at = state(conn, known)
+    assert math.isclose(value, direct_score(merged, last_at), rel_tol=1e-12)
 
     # New weights: the accumulator built under the old ones must not be used.
     definitions = tmp_path / "definitions"

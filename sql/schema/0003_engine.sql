@@ -78,7 +78,9 @@ CREATE TRIGGER events_stored_profiles
 
 -- Each score per profile as a decayed accumulator, so evaluating a score reads only the
 -- events since the last insert instead of the profile's whole history: value holds
--- Σ weight·2^(−(ref_at − occurred_at)/half_life) over the weighted events at or before ref_at.
+-- Σ weight·2^(−(last_at − occurred_at)/half_life) over the weighted events at or before ref_at,
+-- anchored at the latest of them (so events of one instant sum their weights exactly, as
+-- the definition does).
 -- Events with a later occurred_at are read from the table when an evaluation reaches them.
 -- Rows are dropped when their score changes (and for both profiles of a merge); evaluations
 -- without a row, or before ref_at, sum the events themselves.
@@ -159,46 +161,52 @@ BEGIN
     LEFT JOIN segflow.event_profiles ep ON ep.profile_id = t.profile_id;
     WITH batch AS MATERIALIZED (
         SELECT * FROM unnest(v_profiles, v_types, v_times) n(profile_id, event_type, occurred_at)
+    ), touched AS MATERIALIZED (
+        SELECT t.profile_id, t.name, t.weights, t.types, t.h, o.ref_at AS old_ref,
+               o.value AS old_value, o.last_at AS old_last, greatest(o.ref_at, v_at) AS ref_at
+        FROM (SELECT DISTINCT n.profile_id, s.name, s.weights,
+                     ARRAY(SELECT jsonb_object_keys(s.weights)) AS types,
+                     extract(epoch FROM s.half_life)::float8 AS h
+              FROM batch n JOIN segflow.score_defs s ON s.weights ? n.event_type) t
+        LEFT JOIN segflow.score_state o ON o.profile_id = t.profile_id AND o.score = t.name
+    ), fresh AS MATERIALIZED (
+        -- The weighted events to add: stored after the old ref_at up to the new one, and
+        -- this statement's late ones (at or before the old ref_at).
+        SELECT u.profile_id, u.name, e.occurred_at, (u.weights ->> e.event_type)::float8 AS w
+        FROM touched u
+        JOIN segflow.events_stored e
+          ON e.profile_id = u.profile_id AND e.event_type = ANY (u.types)
+         AND e.occurred_at <= u.ref_at AND (u.old_ref IS NULL OR e.occurred_at > u.old_ref)
+         AND e.occurred_at >= v_floor AND e.occurred_at <= v_upto
+        UNION ALL
+        SELECT u.profile_id, u.name, n.occurred_at, (u.weights ->> n.event_type)::float8
+        FROM touched u
+        JOIN batch n ON n.profile_id = u.profile_id AND n.event_type = ANY (u.types)
+                    AND n.occurred_at <= u.old_ref
+    ), anchored AS (
+        SELECT u.*, greatest(u.old_last, (SELECT max(f.occurred_at) FROM fresh f
+                                          WHERE f.profile_id = u.profile_id
+                                            AND f.name = u.name)) AS last_at
+        FROM touched u
     )
     INSERT INTO segflow.score_state AS st (profile_id, score, ref_at, value, last_at)
-    SELECT t.profile_id, t.name, r.ref_at,
-           carried.v + coalesce(recent.v, 0) + coalesce(late.v, 0),
-           greatest(o.last_at, recent.last_at, late.last_at)
-    FROM (SELECT DISTINCT n.profile_id, s.name, s.weights,
-                 extract(epoch FROM s.half_life)::float8 AS h,
-                 ARRAY(SELECT jsonb_object_keys(s.weights)) AS types
-          FROM batch n JOIN segflow.score_defs s ON s.weights ? n.event_type) t
-    LEFT JOIN segflow.score_state o ON o.profile_id = t.profile_id AND o.score = t.name
-    CROSS JOIN LATERAL (SELECT greatest(o.ref_at, v_at) AS ref_at) r
-    -- The old value, or 0 once its latest event is 1000 half-lives old (forgotten).
-    CROSS JOIN LATERAL (
-        SELECT CASE
-            WHEN o.profile_id IS NULL OR o.last_at IS NULL THEN 0::float8
-            WHEN extract(epoch FROM r.ref_at - o.last_at)::float8 / t.h >= 1000 THEN 0::float8
-            ELSE segflow.decay(o.value,
-                               extract(epoch FROM r.ref_at - o.ref_at)::float8 / t.h)
-        END AS v) carried
-    CROSS JOIN LATERAL (
-        SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
-                        ELSE segflow.decay(x.weight, x.halvings) END) AS v,
-               max(x.occurred_at) AS last_at
-        FROM (SELECT e.occurred_at, (t.weights ->> e.event_type)::float8 AS weight,
-                     extract(epoch FROM r.ref_at - e.occurred_at)::float8 / t.h AS halvings
-              FROM segflow.events_stored e
-              WHERE e.profile_id = t.profile_id AND e.event_type = ANY (t.types)
-                AND e.occurred_at <= r.ref_at
-                AND (o.ref_at IS NULL OR e.occurred_at > o.ref_at)
-                AND e.occurred_at >= v_floor AND e.occurred_at <= v_upto) x) recent
-    CROSS JOIN LATERAL (
-        SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
-                        ELSE segflow.decay(x.weight, x.halvings) END) AS v,
-               max(x.occurred_at) AS last_at
-        FROM (SELECT n.occurred_at, (t.weights ->> n.event_type)::float8 AS weight,
-                     extract(epoch FROM r.ref_at - n.occurred_at)::float8 / t.h AS halvings
-              FROM batch n
-              WHERE n.profile_id = t.profile_id AND n.event_type = ANY (t.types)
-                AND n.occurred_at <= o.ref_at) x) late
-    ORDER BY t.profile_id, t.name
+    SELECT a.profile_id, a.name, a.ref_at,
+           -- The old value moves to the new anchor (0 once 1000 half-lives old: forgotten).
+           CASE WHEN a.old_last IS NULL
+                     OR extract(epoch FROM a.last_at - a.old_last)::float8 / a.h >= 1000
+                THEN 0::float8
+                ELSE segflow.decay(a.old_value,
+                                   extract(epoch FROM a.last_at - a.old_last)::float8 / a.h)
+           END
+           + coalesce((SELECT sum(CASE WHEN x.halvings >= 1000 THEN 0::float8
+                                       ELSE segflow.decay(x.w, x.halvings) END)
+                       FROM (SELECT f.w, extract(epoch FROM a.last_at - f.occurred_at)::float8
+                                         / a.h AS halvings
+                             FROM fresh f
+                             WHERE f.profile_id = a.profile_id AND f.name = a.name) x), 0),
+           a.last_at
+    FROM anchored a
+    ORDER BY a.profile_id, a.name
     ON CONFLICT (profile_id, score) DO UPDATE
     SET ref_at = excluded.ref_at, value = excluded.value, last_at = excluded.last_at;
     RETURN NULL;
