@@ -19,6 +19,7 @@ from typing import Any
 import jinja2
 from psycopg import sql
 
+from compiler import rollups as rollup_sql
 from compiler.model import (
     Aggregate,
     AllCond,
@@ -254,6 +255,52 @@ def count_cap(aggregate: Aggregate) -> int | None:
     return math.floor(max(numbers)) + 1
 
 
+# -- rollups (compiler/rollups.py) -----------------------------------------------------
+
+ROLLED_UP = frozenset({"sum", "min", "max", "avg"})
+
+
+def rollup_spec(flt: EventFilter, f: Field) -> rollup_sql.RollupSpec:
+    return rollup_sql.RollupSpec(filter_sql(flt, "e"), numeric_of(field_value(f, "e")))
+
+
+def rollup_levels(window: Window) -> tuple[rollup_sql.Level, ...]:
+    """Bucket levels for an aggregate over ``window``: bounded by ``within`` when given;
+    sessions, ``since_last`` and all-history windows can be of any length."""
+    span = window.within.microseconds / 1_000_000 if window.within is not None else None
+    return rollup_sql.levels_for(span)
+
+
+def _aggregates(segment: Segment) -> list[tuple[EventFilter, Window, str, Field | None]]:
+    """(filter, window, aggregate, field) of every events condition and context value."""
+    found: list[tuple[EventFilter, Window, str, Field | None]] = []
+
+    def walk(cond: Condition) -> None:
+        if isinstance(cond, AllCond | AnyCond):
+            for item in cond.items:
+                walk(item)
+        elif isinstance(cond, NotCond):
+            walk(cond.item)
+        elif isinstance(cond, EventsCond):
+            found.append((cond.filter, cond.window, cond.aggregate.func, cond.aggregate.field))
+
+    walk(segment.rule)
+    for _, value in segment.context:
+        if isinstance(value, ContextEvents):
+            found.append((value.filter, value.window, value.func, value.field))
+    return found
+
+
+def rollup_specs(segment: Segment) -> list[rollup_sql.RollupSpec]:
+    """The rollups the segment's evaluation reads when they are installed, without repeats."""
+    specs: dict[str, rollup_sql.RollupSpec] = {}
+    for flt, window, func, f in _aggregates(segment):
+        if func in ROLLED_UP and f is not None and rollup_levels(window):
+            spec = rollup_spec(flt, f)
+            specs.setdefault(spec.signature, spec)
+    return list(specs.values())
+
+
 # -- the segment -----------------------------------------------------------------------
 
 
@@ -262,9 +309,12 @@ class _Builder:
     segment: Segment
     segment_ids: Mapping[str, int]
     scores: Mapping[str, Score]
+    # Installed rollups by signature; aggregates without one scan their window.
+    rollups: Mapping[str, int] = field(default_factory=dict)
     laterals: list[str] = field(default_factory=list)
     nexts: list[str] = field(default_factory=list)
     uses_sessions: bool = False
+    used_rollups: set[int] = field(default_factory=set)
 
     def add(self, body: str) -> str:
         alias = f"c{len(self.laterals) + 1}"
@@ -411,6 +461,36 @@ class _Builder:
             + ")"
         )
 
+    def rolled_up(self, flt: EventFilter, window: Window, func: str,
+                  f: Field | None) -> str | None:
+        """A SELECT of the aggregate as ``v`` read from its rollup, or None when it has none:
+        the window's bucket rows plus the raw events of its partial edges."""
+        if func not in ROLLED_UP or f is None:
+            return None
+        levels = rollup_levels(window)
+        spec = rollup_spec(flt, f)
+        rollup_id = self.rollups.get(spec.signature)
+        if not levels or rollup_id is None:
+            return None
+        self.used_rollups.add(rollup_id)
+        starts: list[str] = []
+        if window.within is not None:
+            starts.append(f"(i.at - {interval(window.within)} + '1 microsecond'::interval)")
+        if window.session:
+            starts.append("sess.start_at")
+        if window.since_last is not None:
+            starts.append(
+                f"((SELECT max(s2.occurred_at) FROM {EVENTS} s2 "
+                f"WHERE s2.profile_id = i.profile_id AND {upto('s2')} "
+                f"AND {filter_sql(window.since_last, 's2')}) + '1 microsecond'::interval)"
+            )
+        # The raw edges carry the statement's bounds too, so they open few partitions.
+        matching = f"e.profile_id = i.profile_id AND {upto('e')} AND {filter_sql(flt, 'e')}"
+        if window.within is not None:
+            matching += f" AND e.occurred_at > v_from - {interval(window.within)}"
+        read = rollup_sql.window_read(rollup_id, levels, starts, matching, spec.value_sql)
+        return f"SELECT {rollup_sql.finish(func, 'ru')} AS v FROM ({read}) ru"
+
     def events(self, cond: EventsCond) -> str:
         window = cond.window
         if window.session:
@@ -419,7 +499,10 @@ class _Builder:
         ok = comparison(Value("a.v", "numeric"), agg.comparison)
         where = f"{window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}"
         cap = count_cap(agg)
-        if cap is not None:
+        rolled = self.rolled_up(cond.filter, window, agg.func, agg.field)
+        if rolled is not None:
+            body = rolled
+        elif cap is not None:
             # Whether a count passes its thresholds needs at most cap events, however long
             # the profile's history in the window is.
             body = (
@@ -451,6 +534,9 @@ class _Builder:
         if isinstance(value, ContextEvents):
             if value.window.session:
                 self.uses_sessions = True
+            rolled = self.rolled_up(value.filter, value.window, value.func, value.field)
+            if rolled is not None:
+                return f"(SELECT to_jsonb(rv.v) FROM ({rolled}) rv)"
             return (
                 f"(SELECT to_jsonb({aggregate_expr(value.func, value.field, 'e')}) "
                 f"FROM {EVENTS} e WHERE {window_sql(value.window, 'e')} "
@@ -473,6 +559,8 @@ class CompiledSegment:
     eval_query: str
     create_sql: str
     view_sql: str
+    # Rollups the evaluation reads (segflow.rollup_users).
+    rollup_ids: tuple[int, ...] = ()
 
 
 def drop_sql(name: str, segment_id: int) -> str:
@@ -489,10 +577,12 @@ def compile_segment(
     segment_ids: Mapping[str, int],
     scores: Mapping[str, Score],
     definition_text: str,
+    rollups: Mapping[str, int] | None = None,
 ) -> CompiledSegment:
-    """SQL that installs (create_sql, view_sql) or removes (drop_sql) one segment."""
+    """SQL that installs (create_sql, view_sql) or removes (drop_sql) one segment.
+    ``rollups``: installed rollup ids by signature (see ``rollup_specs``)."""
     segment_id = segment_ids[segment.name]
-    builder = _Builder(segment, segment_ids, scores)
+    builder = _Builder(segment, segment_ids, scores, dict(rollups or {}))
     member = builder.condition(segment.rule)
     if segment.goal is not None and segment.disqualify is not None:
         member = (
@@ -541,4 +631,5 @@ def compile_segment(
         query,
         create_sql,
         view_sql,
+        tuple(sorted(builder.used_rollups)),
     )

@@ -22,7 +22,8 @@ from psycopg.types.json import Jsonb
 
 from compiler.model import Destination, Project, Score, Segment
 from compiler.parse import load_paths
-from compiler.render import compile_segment, drop_sql
+from compiler.render import compile_segment, drop_sql, rollup_specs
+from segflow import rollups
 from segflow.db import fetch_all, fetch_one, query
 
 BATCH = 5000
@@ -152,6 +153,10 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
             conn.execute(query("deactivate_segment"), {"segment_id": segment_id})
             conn.execute(drop_sql(name, segment_id))
 
+        # Rollups are built from the stored events before anything reading them is evaluated.
+        rollup_ids = rollups.register(conn, [
+            spec for name in (*plan.new, *plan.changed)
+            for spec in rollup_specs(project.segments[name])])
         total = fetch_one(conn, "live_profile_count")["n"]
         for order, (name, segment) in enumerate(project.segments.items()):
             trigger_types, trait_sensitive = _closure(project, name)
@@ -163,7 +168,9 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
                 conn.execute(query("store_segment_order"), params)
                 continue
             compiled = compile_segment(segment, ids, project.scores,
-                                       json.dumps(segment.raw, indent=2, default=str))
+                                       json.dumps(segment.raw, indent=2, default=str),
+                                       rollup_ids)
+            rollups.record_users(conn, ids[name], compiled.rollup_ids)
             conn.execute(compiled.create_sql)
             conn.execute(f"DROP VIEW IF EXISTS {compiled.view}")
             conn.execute(compiled.view_sql)
@@ -177,6 +184,7 @@ def apply(conn: psycopg.Connection[Any], paths: Iterable[str | Path], *, dry_run
                           "backfill" if name in plan.new else "definition_changed",
                           total, progress)
             plan.transitions += _transition_count(conn) - before
+        rollups.drop_unused(conn)
     return plan
 
 
@@ -239,7 +247,8 @@ def preview(conn: psycopg.Connection[Any], path: str | Path, *, sample: int = 10
         conn.execute("SET LOCAL jit = off")
         ids = {r["name"]: r["segment_id"] for r in fetch_all(conn, "installed_segments")}
         ids[name] = 0  # a function name no installed segment uses; rolled back below
-        compiled = compile_segment(segment, ids, project.scores, "")
+        # Rollups already installed serve the preview; any other aggregate scans its window.
+        compiled = compile_segment(segment, ids, project.scores, "", rollups.installed(conn))
         conn.execute(compiled.create_sql)
         found: list[dict[str, Any]] = []
         after = 0

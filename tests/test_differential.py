@@ -123,7 +123,9 @@ def reset(conn: psycopg.Connection[Any]) -> None:
     conn.execute("""
         TRUNCATE segflow.events, segflow.event_keys, segflow.identities, segflow.profiles,
                  segflow.profile_merges, segflow.segment_members, segflow.transition_log,
-                 segflow.schedule, segflow.segment_defs, segflow.score_defs RESTART IDENTITY;
+                 segflow.schedule, segflow.segment_defs, segflow.score_defs,
+                 segflow.rollup_defs, segflow.rollup_users, segflow.event_rollups
+                 RESTART IDENTITY;
         ALTER SEQUENCE segflow.event_id_seq RESTART;
         DROP SCHEMA segments CASCADE; CREATE SCHEMA segments;
         DROP SCHEMA segflow_compiled CASCADE; CREATE SCHEMA segflow_compiled;
@@ -224,6 +226,8 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Scena
         conn.execute("INSERT INTO segflow.profiles (profile_id, traits) VALUES (%s, %s)",
                      (profile_id, Jsonb(traits[profile_id])))
     install(conn, definitions)
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM segflow.rollup_defs)").fetchone() == (True,):
+        event("an aggregate reads a rollup")
 
     clocks = [clock for clock, _ in scenario.deliveries]
     rows = [row for _, row in scenario.deliveries]

@@ -164,3 +164,68 @@ def test_evaluation_opens_only_the_partitions_its_instants_can_reach(
     assert partitions is not None and partitions[0] > 360
     opened = [len(a["Plans"]) for a in appends]
     assert max(opened) <= 3 + 7, opened
+
+
+SUM_DEFINITION = {
+    "name": "monthly_volume",
+    "rule": {"events": "deposit", "within": "30d", "sum": {"field": "amount_usd", "gte": 1}},
+}
+
+
+def test_window_sum_reads_rollups_and_bounded_raw_edges(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    # 40 days of deposits, one every 10 minutes, for each of 10 traders: 5,760 events each.
+    at(conn, NOW.isoformat())
+    times = [NOW - timedelta(minutes=10 * n, seconds=7) for n in range(40 * 144)]
+    conn.execute(
+        "INSERT INTO segflow.events (event_type, occurred_at, identifiers, amount, currency) "
+        "SELECT 'deposit', t, jsonb_build_object('crm_id', 'C-' || k), 10, 'USD' "
+        "FROM unnest(%s::timestamptz[]) t, generate_series(0, 9) k", (times,))
+    install(conn, tmp_path, extra={"monthly_volume": SUM_DEFINITION})
+    conn.execute("ANALYZE segflow.events_stored")
+    conn.execute("ANALYZE segflow.event_rollups")
+    (tmp_path / "definitions" / "monthly_volume.json").write_text(json.dumps(SUM_DEFINITION))
+    profile = conn.execute("SELECT profile_id FROM segflow.identities WHERE value = 'C-1'"
+                           ).fetchone()
+    assert profile is not None
+    project = load_paths([tmp_path / "definitions" / "monthly_volume.json"])
+    ids = {name: sid for name, sid in conn.execute(
+        "SELECT name, segment_id FROM segflow.segment_defs").fetchall()}
+    rollups = {sig: rid for sig, rid in conn.execute(
+        "SELECT signature, rollup_id FROM segflow.rollup_defs").fetchall()}
+    compiled = compile_segment(project.segments["monthly_volume"], ids, project.scores, "",
+                               rollups)
+    assert compiled.rollup_ids
+    query = standalone_eval(compiled.eval_query)
+    conn.execute("SET jit = off")
+    row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}",
+                       {"profiles": [profile[0]], "ats": [NOW]}).fetchone()
+    assert row is not None
+    nodes = list(plan_nodes(row[0][0]["Plan"]))
+
+    buckets = [n for n in nodes if n.get("Relation Name") == "event_rollups"]
+    indexed = ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
+    assert buckets and all(n["Node Type"] in indexed for n in buckets), sorted(
+        {n["Node Type"] for n in buckets})
+    # 29 whole days, up to 23 hours and 59 minutes at each edge: never the 4,320 events.
+    assert sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in buckets) < 29 + 2 * (
+        23 + 59)
+
+    events = [n for n in nodes if str(n.get("Relation Name", "")).startswith("events_")]
+    executed_scans = [n for n in events if n.get("Actual Loops", 0) > 0]
+    assert events and not any(n["Node Type"] == "Seq Scan" for n in executed_scans), [
+        (n["Relation Name"], n["Node Type"], n.get("Filter")) for n in executed_scans]
+    # The sum itself reads raw events only in the partial minutes at the window's edges
+    # (the oldest event in the window, for the next change instant, is one more row).
+    read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in events)
+    assert read <= 4, read
+    # Each raw read opens at most the day partitions its range can overlap.
+    appends = [n for n in nodes if n["Node Type"] in ("Append", "MergeAppend")
+               and any(str(c.get("Relation Name", "")).startswith("events_")
+                       for c in n.get("Plans", []))]
+    for append in appends:
+        executed = [c["Relation Name"] for c in append["Plans"]
+                    if str(c.get("Relation Name", "")).startswith("events_")
+                    and c.get("Actual Loops", 0) > 0]
+        assert len(executed) <= 2, executed

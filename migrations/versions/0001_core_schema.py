@@ -18,7 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    for name in ("0001_core.sql", "0002_ingest.sql", "0003_engine.sql"):
+    for name in ("0001_core.sql", "0002_ingest.sql", "0003_engine.sql", "0005_rollups.sql"):
         run_sql_file(op.get_bind(), name)
     op.execute("SELECT segflow.maintain_partitions()")
 

@@ -221,6 +221,12 @@ BEGIN
         EXECUTE format('DROP TABLE segflow.%I', v_part.name);
         v_dropped := v_dropped + 1;
     END LOOP;
+    IF v_dropped > 0 THEN
+        -- Rollup buckets of the dropped days go with them (0005_rollups.sql).
+        PERFORM segflow._rollups_after_retention(
+            (((segflow.now() - v_retention) AT TIME ZONE 'UTC')::date)::timestamp
+                AT TIME ZONE 'UTC');
+    END IF;
     RETURN v_dropped;
 END
 $$;

@@ -1,0 +1,245 @@
+"""Rollups: per-profile bucketed aggregates behind ``sum``, ``min``, ``max`` and ``avg``.
+
+A rollup is one (event filter, numeric value) pair, both as compiled SQL over an event aliased
+``e``; its signature is that SQL, so segments aggregating the same pair share one rollup. Each
+profile has, per minute, hour and UTC day bucket (aligned to the Unix epoch, so buckets nest
+and never span two day partitions), the count, sum, least and greatest numeric value of its
+matching events (``segflow.event_rollups``, sql/schema/0005_rollups.sql).
+
+An aggregate over the events with ``occurred_at`` in ``[S, T]`` reads the day buckets wholly
+inside, hour buckets between them and the edges, minute buckets beyond those, and the raw
+events of the partial minutes at both edges. Every range is an index range, so the rows read
+are at most (days in the window) + 2·23 + 2·59 plus the events of two minutes, whatever the
+profile's history; windows stay exact to the microsecond.
+
+Pure: SQL text only, no database connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg import sql
+
+EVENTS = "segflow.events_stored"
+ROLLUPS = "segflow.event_rollups"
+EPOCH = "'1970-01-01 00:00:00+00'::timestamptz"
+MICROSECOND = "'1 microsecond'::interval"
+
+
+@dataclass(frozen=True)
+class Level:
+    level: int
+    seconds: int
+
+    @property
+    def width(self) -> str:
+        # Pure microseconds: no day part, so time-zone rules never stretch a bucket.
+        return f"'{self.seconds * 1_000_000} microseconds'::interval"
+
+
+MINUTE = Level(1, 60)
+HOUR = Level(2, 3600)
+DAY = Level(3, 86400)
+LEVELS = (DAY, HOUR, MINUTE)  # coarsest first
+
+
+def levels_for(span_seconds: float | None) -> tuple[Level, ...]:
+    """The bucket levels worth reading for a window at most ``span_seconds`` long (None:
+    unbounded): those of which at least two buckets fit. None fit below two minutes; the
+    window then reads its raw events, which the window itself bounds."""
+    if span_seconds is None:
+        return LEVELS
+    return tuple(lv for lv in LEVELS if 2 * lv.seconds <= span_seconds)
+
+
+@dataclass(frozen=True)
+class RollupSpec:
+    filter_sql: str  # over an event aliased e
+    value_sql: str  # numeric or NULL, over an event aliased e
+
+    @property
+    def signature(self) -> str:
+        text = f"{self.filter_sql}\n{self.value_sql}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _lit(value: object) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+def _floor(level: Level, t: str) -> str:
+    return f"date_bin({level.width}, {t}, {EPOCH})"
+
+
+def _ceil(level: Level, t: str) -> str:
+    return f"date_bin({level.width}, {t} + {level.width} - {MICROSECOND}, {EPOCH})"
+
+
+def window_read(rollup_id: int, levels: Sequence[Level], starts: Sequence[str],
+                matching: str, value: str) -> str:
+    """A SELECT yielding one row ``(n, total, lo, hi)`` over the numeric values of the events
+    with ``occurred_at`` in ``[S, i.at]``: ``matching`` selects the profile's matching events
+    (aliased e) and ``value`` is their numeric value. S is the latest of ``starts``, NULL
+    (an empty window) when one of them is; with no ``starts`` the window is unbounded."""
+    assert levels, "a read without bucket levels is a plain scan"
+    end = f"(i.at + {MICROSECOND})"
+    if not starts:
+        start = "'-infinity'::timestamptz"
+    elif len(starts) == 1:
+        start = starts[0]
+    else:
+        # Each start once (they may be subqueries); greatest() alone would skip a NULL.
+        columns = ", ".join(f"{s} AS p{k}" for k, s in enumerate(starts))
+        nulls = " OR ".join(f"w0.p{k} IS NULL" for k in range(len(starts)))
+        start = (f"(SELECT CASE WHEN {nulls} THEN NULL ELSE "
+                 f"greatest({', '.join(f'w0.p{k}' for k in range(len(starts)))}) END "
+                 f"FROM (SELECT {columns}) w0)")
+    bounds = [f"{start} AS s", f"{end} AS e"]
+    for lv in levels:
+        bounds.append(f"{_ceil(lv, 'w.s')} AS l{lv.level}")
+        bounds.append(f"{_floor(lv, 'w.e')} AS u{lv.level}")
+    parts: list[str] = []
+    bucket = (f"SELECT r.n, r.total, r.lo, r.hi FROM {ROLLUPS} r "
+              f"WHERE r.profile_id = i.profile_id AND r.rollup_id = {_lit(rollup_id)} ")
+    previous: Level | None = None
+    for lv in levels:
+        lo, hi = f"b.l{lv.level}", f"b.u{lv.level}"
+        at_level = f"{bucket}AND r.level = {lv.level} "
+        if previous is None:
+            # Buckets aligned within [lo, hi) lie wholly inside the window.
+            parts.append(f"{at_level}AND r.bucket_start >= {lo} AND r.bucket_start < {hi}")
+        else:
+            # Around what the coarser level covers, [pl, pu) when it covers anything.
+            pl, pu = f"b.l{previous.level}", f"b.u{previous.level}"
+            covered = f"{pl} < {pu}"
+            inner_lo = f"(CASE WHEN {covered} THEN {pl} ELSE {hi} END)"
+            inner_hi = f"(CASE WHEN {covered} THEN {pu} ELSE {hi} END)"
+            parts.append(f"{at_level}AND r.bucket_start >= {lo} AND r.bucket_start < {inner_lo}")
+            parts.append(f"{at_level}AND r.bucket_start >= {inner_hi} AND r.bucket_start < {hi}")
+        previous = lv
+    assert previous is not None
+    # The raw edges: [s, finest lo) and [finest hi, e), or all of [s, e) when no bucket fits.
+    pl, pu = f"b.l{previous.level}", f"b.u{previous.level}"
+    covered = f"{pl} < {pu}"
+    raw = (f"SELECT 1::bigint, v.v, v.v, v.v FROM {EVENTS} e "
+           f"CROSS JOIN LATERAL (SELECT {value} AS v) v "
+           f"WHERE {matching} AND v.v IS NOT NULL ")
+    parts.append(f"{raw}AND e.occurred_at >= w.s "
+                 f"AND e.occurred_at < (CASE WHEN {covered} THEN {pl} ELSE w.e END)")
+    parts.append(f"{raw}AND e.occurred_at >= (CASE WHEN {covered} THEN {pu} ELSE w.e END) "
+                 f"AND e.occurred_at < w.e")
+    union = " UNION ALL ".join(f"({p})" for p in parts)
+    return (
+        "SELECT sum(x.n) AS n, sum(x.total) AS total, min(x.lo) AS lo, max(x.hi) AS hi "
+        f"FROM (SELECT {', '.join(bounds[:2])}) w "
+        f"CROSS JOIN LATERAL (SELECT {', '.join(bounds[2:])}) b "
+        f"CROSS JOIN LATERAL ({union}) x(n, total, lo, hi)"
+    )
+
+
+def finish(func: str, alias: str) -> str:
+    """The aggregate's value from a ``window_read`` row aliased ``alias``; like the SQL
+    aggregates: a sum of nothing is 0, a min/max/avg of nothing NULL."""
+    if func == "sum":
+        return f"coalesce({alias}.total, 0)"
+    if func == "min":
+        return f"{alias}.lo"
+    if func == "max":
+        return f"{alias}.hi"
+    if func == "avg":
+        # numeric / numeric, as avg(numeric) itself divides.
+        return f"({alias}.total / {alias}.n)"
+    raise ValueError(f"no rollup for {func}")
+
+
+# -- maintenance ---------------------------------------------------------------------------
+
+_COLUMNS = ("profile_id bigint", "event_type text", "occurred_at timestamptz",
+            "amount numeric", "amount_usd numeric", "currency text", "source text",
+            "properties jsonb")
+
+
+def _branches(rollups: Sequence[tuple[int, RollupSpec]], only: str | None) -> str:
+    """One row (rollup_id, v) per rollup an event aliased e matches with a numeric value;
+    ``only`` is a condition on ``{id}`` that selects the rollups to compute."""
+    rows = []
+    for rollup_id, spec in rollups:
+        guard = f" AND {only.format(id=_lit(rollup_id))}" if only else ""
+        rows.append(f"SELECT {_lit(rollup_id)}::integer AS rollup_id, ({spec.value_sql}) AS v "
+                    f"WHERE ({spec.filter_sql}){guard}")
+    return " UNION ALL ".join(rows)
+
+
+def _aggregate_into(source: str, rollups: Sequence[tuple[int, RollupSpec]],
+                    only: str | None, on_conflict: str) -> str:
+    levels = ", ".join(f"({lv.level}::smallint, {lv.width})" for lv in LEVELS)
+    return (
+        f"INSERT INTO {ROLLUPS} (profile_id, rollup_id, level, bucket_start, n, total, lo, hi) "
+        f"SELECT e.profile_id, r.rollup_id, lv.level, date_bin(lv.width, e.occurred_at, {EPOCH}), "
+        f"count(*), sum(r.v), min(r.v), max(r.v) "
+        f"FROM {source} "
+        f"CROSS JOIN LATERAL ({_branches(rollups, only)}) r "
+        f"CROSS JOIN (VALUES {levels}) lv(level, width) "
+        f"WHERE r.v IS NOT NULL "
+        f"GROUP BY 1, 2, 3, 4{on_conflict}"
+    )
+
+
+def maintenance_sql(rollups: Sequence[tuple[int, RollupSpec]]) -> str:
+    """Creates the functions the rollup triggers and apply call (see 0005_rollups.sql), for
+    the given installed rollups; with none, drops them."""
+    drop = (
+        "DROP FUNCTION IF EXISTS segflow_compiled.rollups_add("
+        "bigint[], text[], timestamptz[], numeric[], numeric[], text[], text[], jsonb[]); "
+        "DROP FUNCTION IF EXISTS segflow_compiled.rollups_refresh("
+        "integer[], bigint[], timestamptz[]); "
+        "DROP FUNCTION IF EXISTS segflow_compiled.rollups_build(integer[]);"
+    )
+    if not rollups:
+        return drop
+    # CREATE OR REPLACE keeps the functions' identity for sessions that have called them.
+    names = ", ".join(c.split()[0] for c in _COLUMNS)
+    add = _aggregate_into(
+        "unnest(p_profile_ids, p_types, p_times, p_amounts, p_usd, p_currencies, p_sources, "
+        f"p_props) AS e({names})",
+        rollups, None,
+        " ON CONFLICT (profile_id, rollup_id, level, bucket_start) DO UPDATE "
+        "SET n = event_rollups.n + excluded.n, total = event_rollups.total + excluded.total, "
+        "lo = least(event_rollups.lo, excluded.lo), hi = greatest(event_rollups.hi, excluded.hi)",
+    )
+    day = DAY.width
+    refresh_delete = (
+        f"DELETE FROM {ROLLUPS} r USING unnest(p_profile_ids, p_days) k(profile_id, day) "
+        f"WHERE r.profile_id = k.profile_id AND r.bucket_start >= k.day "
+        f"AND r.bucket_start < k.day + {day} "
+        f"AND (p_rollup_ids IS NULL OR r.rollup_id = ANY (p_rollup_ids))"
+    )
+    refresh_insert = _aggregate_into(
+        f"unnest(p_profile_ids, p_days) k(profile_id, day) JOIN {EVENTS} e "
+        f"ON e.profile_id = k.profile_id AND e.occurred_at >= k.day "
+        f"AND e.occurred_at < k.day + {day}",
+        rollups, "(p_rollup_ids IS NULL OR {id} = ANY (p_rollup_ids))", "",
+    )
+    build_delete = f"DELETE FROM {ROLLUPS} WHERE rollup_id = ANY (p_rollup_ids)"
+    build_insert = _aggregate_into(f"{EVENTS} e", rollups, "{id} = ANY (p_rollup_ids)", "")
+    return (
+        "-- New stored events, added to the buckets of every rollup they match.\n"
+        "CREATE OR REPLACE FUNCTION segflow_compiled.rollups_add("
+        "p_profile_ids bigint[], p_types text[], p_times timestamptz[], p_amounts numeric[], "
+        "p_usd numeric[], p_currencies text[], p_sources text[], p_props jsonb[]) "
+        "RETURNS void LANGUAGE sql AS $segflow$\n"
+        f"{add};\n$segflow$;\n"
+        "-- Recomputes the buckets of some (profile, UTC day) pairs from the stored events "
+        "(p_rollup_ids NULL: every rollup).\n"
+        "CREATE OR REPLACE FUNCTION segflow_compiled.rollups_refresh("
+        "p_rollup_ids integer[], p_profile_ids bigint[], p_days timestamptz[]) "
+        "RETURNS void LANGUAGE sql AS $segflow$\n"
+        f"{refresh_delete};\n{refresh_insert};\n$segflow$;\n"
+        "-- Builds rollups from every stored event (a new rollup, before its first evaluation).\n"
+        "CREATE OR REPLACE FUNCTION segflow_compiled.rollups_build(p_rollup_ids integer[]) "
+        "RETURNS void LANGUAGE sql AS $segflow$\n"
+        f"{build_delete};\n{build_insert};\n$segflow$;\n"
+    )
