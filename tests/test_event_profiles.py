@@ -46,3 +46,23 @@ def test_first_event_late_events_merges_and_bulk_loads(conn: psycopg.Connection[
                  " stored) VALUES ('login', '2026-10-01 00:00+00', '{}', 9001, true)")
     conn.execute("RESET segflow.trusted_ingest")
     assert str(first_at(conn, 9001)) == "2026-10-01 00:00:00+00:00"
+
+
+def test_deleting_or_truncating_events_forgets_the_kept_state(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    at(conn, "2026-12-03 12:00:00+00")
+    install(conn, tmp_path, "engaged", "engagement.score",
+            extra={"busy": {"name": "busy", "rule": {"events": "login", "within": "session",
+                                                     "count": {"gte": 2}}}})
+    event(conn, "trade", "2026-12-03 11:59:00+00", "C-1")
+    event(conn, "login", "2026-12-03 11:59:30+00", "C-2")
+    kept = "SELECT (SELECT count(*) FROM segflow.score_state), " \
+           "(SELECT count(*) FROM segflow.session_state), " \
+           "(SELECT count(*) FROM segflow.event_profiles)"
+    assert conn.execute(kept).fetchone() == (2, 2, 2)
+    # A DBA removes a trader's trades: their score must not keep counting them.
+    conn.execute("DELETE FROM segflow.events WHERE event_type = 'trade'")
+    assert conn.execute(kept).fetchone() == (1, 1, 2)
+    conn.execute("TRUNCATE segflow.events")
+    assert conn.execute(kept).fetchone() == (0, 0, 0)

@@ -3,6 +3,7 @@ validation, day partitions and retention, the JSON helpers, and set-based trigge
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -362,6 +363,15 @@ def test_stored_flag_cannot_be_set_by_callers(db: Conn) -> None:
     assert count_events(db) == 0
 
 
+def function_calls(db: Conn) -> Counter[str]:
+    """Calls of segflow's functions counted for this backend. The counts of earlier
+    transactions can still be in them until the statistics are flushed (at most once a
+    second), so callers take the difference across the statements they measure."""
+    return Counter(dict(db.execute(
+        "SELECT funcname, calls FROM pg_stat_xact_user_functions WHERE schemaname = 'segflow'"
+    ).fetchall()))
+
+
 # -- partitions and retention ------------------------------------------------------------------
 
 
@@ -542,13 +552,9 @@ def test_copy_of_10000_rows_runs_the_trigger_once(db: Conn) -> None:
     ]
     db.execute("SET track_functions = 'all'")
     with db.transaction():
+        before = function_calls(db)
         copy_rows(db, rows)
-        calls = dict(
-            db.execute(
-                "SELECT funcname, calls FROM pg_stat_xact_user_functions"
-                " WHERE schemaname = 'segflow'"
-            ).fetchall()
-        )
+        calls = function_calls(db) - before
     assert calls["_events_after_insert"] == 1
     assert calls["resolve_batch"] == 1
     # New identifier sets take the slow path once per distinct set, not per row.
@@ -566,15 +572,11 @@ def test_copy_of_10000_rows_runs_the_trigger_once(db: Conn) -> None:
 
     # A second batch of known identifiers takes the fast path only.
     with db.transaction():
+        before = function_calls(db)
         copy_rows(db, [
             event(f"again-{n}", identifiers={"crm_id": f"C-{n % 500}"}) for n in range(2_000)
         ])
-        calls = dict(
-            db.execute(
-                "SELECT funcname, calls FROM pg_stat_xact_user_functions"
-                " WHERE schemaname = 'segflow'"
-            ).fetchall()
-        )
+        calls = function_calls(db) - before
     assert calls["_events_after_insert"] == 1
     assert "resolve_identifiers" not in calls
     assert count_events(db) == 12_000
@@ -625,13 +627,9 @@ def test_each_event_is_validated_once_and_converted_only_with_an_amount(db: Conn
     ]
     db.execute("SET track_functions = 'all'")
     with db.transaction():
+        before = function_calls(db)
         copy_rows(db, rows)
-        calls = dict(
-            db.execute(
-                "SELECT funcname, calls FROM pg_stat_xact_user_functions"
-                " WHERE schemaname = 'segflow'"
-            ).fetchall()
-        )
+        calls = function_calls(db) - before
     assert calls["event_problem"] == 300
     assert calls["usd_rate"] == 200
     assert count_events(db) == 300

@@ -405,6 +405,57 @@ CREATE TRIGGER events_stored_sessions
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_sessions();
 
+-- Stored events changed or removed other than by ingest (a merge re-keys a profile's events,
+-- a DBA deletes or truncates): the per-profile score and session rows of the profiles
+-- concerned are dropped (evaluations then read the events, and the next insert rebuilds
+-- them); event_profiles keeps a first_at that is still a valid lower bound.
+CREATE FUNCTION segflow._events_stored_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_profiles bigint[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        TRUNCATE segflow.score_state, segflow.session_state, segflow.event_profiles;
+        RETURN NULL;
+    END IF;
+    v_profiles := ARRAY(SELECT DISTINCT o.profile_id FROM old_rows o);
+    IF TG_OP = 'UPDATE' THEN
+        v_profiles := v_profiles || ARRAY(SELECT DISTINCT n.profile_id FROM new_rows n);
+        PERFORM segflow._note_event_profiles(array_agg(f.profile_id ORDER BY f.profile_id),
+                                             array_agg(f.first_at ORDER BY f.profile_id))
+        FROM (SELECT n.profile_id, min(n.occurred_at) AS first_at FROM new_rows n
+              GROUP BY n.profile_id) f;
+    END IF;
+    DELETE FROM segflow.score_state WHERE profile_id = ANY (v_profiles);
+    DELETE FROM segflow.session_state WHERE profile_id = ANY (v_profiles);
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_stored_state_update
+    AFTER UPDATE ON segflow.events_stored
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_changed();
+CREATE TRIGGER events_stored_state_delete
+    AFTER DELETE ON segflow.events_stored
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_changed();
+CREATE TRIGGER events_stored_state_truncate
+    AFTER TRUNCATE ON segflow.events_stored
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_changed();
+-- A statement on segflow.events fires the triggers of segflow.events, not its partitions'.
+CREATE TRIGGER events_state_update
+    AFTER UPDATE ON segflow.events
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_changed();
+CREATE TRIGGER events_state_delete
+    AFTER DELETE ON segflow.events
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_changed();
+CREATE TRIGGER events_state_truncate
+    AFTER TRUNCATE ON segflow.events
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._events_stored_changed();
+
 CREATE FUNCTION segflow._notify(p_segment_id integer) RETURNS void
 LANGUAGE sql AS $$
     SELECT pg_notify('segflow_transitions',

@@ -148,6 +148,18 @@ CREATE TRIGGER events_stored_rollups_delete
 CREATE TRIGGER events_stored_rollups_truncate
     AFTER TRUNCATE ON segflow.events_stored
     FOR EACH STATEMENT EXECUTE FUNCTION segflow._rollups_after_truncate();
+-- A statement on segflow.events fires the triggers of segflow.events, not its partitions'.
+CREATE TRIGGER events_rollups_update
+    AFTER UPDATE ON segflow.events
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._rollups_after_update();
+CREATE TRIGGER events_rollups_delete
+    AFTER DELETE ON segflow.events
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._rollups_after_delete();
+CREATE TRIGGER events_rollups_truncate
+    AFTER TRUNCATE ON segflow.events
+    FOR EACH STATEMENT EXECUTE FUNCTION segflow._rollups_after_truncate();
 
 -- Retention dropped the day partitions before p_before (a UTC midnight): their buckets go too.
 -- Buckets never span two UTC days, so what remains matches the events that remain.
