@@ -433,3 +433,22 @@ def test_a_slow_receiver_does_not_hold_back_other_results(
     finally:
         release.set()
     assert [r["status"] for r in deliveries(conn)] == ["delivered"] * 3
+
+
+def test_a_timed_out_attempt_is_retried_with_the_same_key(
+    db_url: str, conn: Conn, tmp_path: Path, receiver: Receiver
+) -> None:
+    def reply(n: int) -> Reply:
+        if n == 1:  # answers only after the destination's 1 s timeout
+            time.sleep(1.5)
+        return (200, {})
+
+    receiver.reply = reply
+    setup(conn, tmp_path, receiver, depositors({"on": "enter", "destination": "hook"}),
+          timeout="1s")
+    event(conn, "deposit", "2026-12-03T09:10:00Z", "C-1", amount=5, currency="USD")
+    with workers(db_url):
+        wait_for(conn, SETTLED)
+    [row] = deliveries(conn)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("delivered", 2, None)
+    assert receiver.keys() == [row["delivery_key"]] * 2
