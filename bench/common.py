@@ -271,6 +271,10 @@ def stats_delta(after: FunctionStats, before: FunctionStats) -> FunctionStats:
 
 # Where the engine's functions spend their own time, in a few buckets.
 _GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # Before the evaluation group: rollups_add is compiled, but it keeps state.
+    ("per-profile state: rollups, scores, sessions, first events",
+     re.compile(r"(\._events_stored_\w+|\._rollups_\w+|\.rollups_add|\.session_bounds|"
+                r"\._note_event_profiles|\._events_stored_changed)$")),
     ("evaluation (compiled s<id>_eval)", re.compile(r"^segflow_compiled\.")),
     ("sessions (session_at)", re.compile(r"\.session_at$")),
     ("segment of segments (was_member)", re.compile(r"\.was_member$")),
