@@ -32,6 +32,15 @@ ROLLUPS = "segflow.event_rollups"
 DISTINCT_VALUES = "segflow.event_distinct_values"
 NUMERIC = "numeric"
 DISTINCT = "distinct"
+# Distinct values larger than this (bytes, uncompressed) are not keys of a bucket (a B-tree
+# entry holds about 2.7 kB): their bucket keeps the marker LARGE instead, a JSON null, which
+# no counted value can be.
+LARGE_VALUE_BYTES = 2000
+LARGE = "'null'::jsonb"
+
+
+def _is_large(v: str) -> str:
+    return f"pg_column_size({v}) > {LARGE_VALUE_BYTES}"
 EPOCH = "'1970-01-01 00:00:00+00'::timestamptz"
 MICROSECOND = "'1 microsecond'::interval"
 
@@ -167,9 +176,18 @@ def distinct_read(rollup_id: int, levels: Sequence[Level], starts: Sequence[str]
     """A SELECT yielding one row ``(n)``, the number of distinct values (``value``, jsonb,
     NULL ignored) of the matching events with ``occurred_at`` in ``[S, i.at]``, as
     ``window_read`` bounds them: the values of each whole bucket once, plus the raw edges."""
-    source = _window(rollup_id, levels, starts, DISTINCT_VALUES, "r.value AS v", "v.v",
-                     matching, value)
-    return f"SELECT count(DISTINCT x.v) AS n FROM {source}"
+    width = "CASE x.l " + " ".join(f"WHEN {lv.level} THEN {lv.width}" for lv in LEVELS) + " END"
+    source = _window(rollup_id, levels, starts, DISTINCT_VALUES,
+                     "r.value AS v, r.level AS l, r.bucket_start AS b",
+                     "v.v, NULL::smallint, NULL::timestamptz", matching, value)
+    # A bucket's LARGE marker stands for its values too large to be keys: read from its
+    # events (whole buckets lie inside the window), only for the buckets that have any.
+    large = (f"SELECT v.v FROM {EVENTS} e CROSS JOIN LATERAL (SELECT {value} AS v) v "
+             f"WHERE x.v = {LARGE} AND {matching} AND e.occurred_at >= x.b "
+             f"AND e.occurred_at < x.b + {width} AND {_is_large('v.v')}")
+    return (f"SELECT count(DISTINCT y.v) AS n FROM {source} "
+            f"CROSS JOIN LATERAL (SELECT x.v WHERE x.v <> {LARGE} "
+            f"UNION ALL ({large})) y")
 
 
 def finish(func: str, alias: str) -> str:
@@ -239,7 +257,8 @@ def _aggregate_into(source: str, rollups: Sequence[tuple[int, RollupSpec]],
         statements.append(
             f"INSERT INTO {DISTINCT_VALUES} (profile_id, rollup_id, level, bucket_start, "
             f"value, n) "
-            f"SELECT e.profile_id, r.rollup_id, lv.level, {bucket}, r.v, count(*) "
+            f"SELECT e.profile_id, r.rollup_id, lv.level, {bucket}, "
+            f"CASE WHEN {_is_large('r.v')} THEN {LARGE} ELSE r.v END, count(*) "
             f"FROM {source} "
             f"CROSS JOIN LATERAL ({_branches(distinct, only)}) r "
             f"CROSS JOIN (VALUES {levels}) lv(level, width) "

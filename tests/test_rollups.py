@@ -4,6 +4,7 @@ retention), built by apply and dropped with their last user."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -76,6 +77,11 @@ GATE_DISTINCT: dict[str, Any] = {
 GATES = {"gate": GATE, "gate_distinct": GATE_DISTINCT}
 
 
+# Values too large to be keys of a bucket's B-tree: distinct reads them from the events.
+LARGE = [{"blob": "".join(hashlib.sha256(f"{k}-{n}".encode()).hexdigest() for n in range(50))}
+         for k in range(2)]
+
+
 def boundary_times() -> list[datetime]:
     """Instants on and a microsecond either side of day, hour and minute boundaries, and some
     in between, over three days."""
@@ -94,7 +100,7 @@ def event_rows() -> list[dict[str, Any]]:
     rows = []
     for n, occurred in enumerate(boundary_times()):
         kind = "withdrawal" if n % 11 == 5 else "deposit"
-        util: Any = [0.5, 1, "high", None, 0.95, 2.5, 1.0, ["high"]][n % 8]
+        util: Any = [0.5, 1, "high", None, 0.95, 2.5, 1.0, ["high"], *LARGE][n % 10]
         rows.append({
             "event_type": kind, "occurred_at": occurred, "amount": Decimal(100 + 37 * (n % 29)),
             "source": "web" if n % 3 else "app",
