@@ -224,18 +224,22 @@ def numeric_of(value: Value) -> str:
     return "NULL::numeric"
 
 
+def distinct_of(value: Value) -> str:
+    """The value ``distinct`` counts, as jsonb: a JSON null counts as no value, and jsonb
+    equality is that of the typed columns (numeric equality for numbers, text for strings),
+    so a rollup can keep the values of every field in one column."""
+    if value.kind == "jsonb":
+        return f"(CASE WHEN jsonb_typeof({value.expr}) <> 'null' THEN {value.expr} END)"
+    return f"to_jsonb({value.expr})"
+
+
 def aggregate_expr(func: str, f: Field | None, alias: str) -> str:
     if func == "count":
         return "count(*)"
     assert f is not None
     value = field_value(f, alias)
     if func == "distinct":
-        if value.kind == "jsonb":
-            return (
-                f"count(DISTINCT CASE WHEN jsonb_typeof({value.expr}) <> 'null' "
-                f"THEN {value.expr} END)"
-            )
-        return f"count(DISTINCT {value.expr})"
+        return f"count(DISTINCT {distinct_of(value)})"
     if func == "sum":
         return f"coalesce(sum({numeric_of(value)}), 0)"
     return f"{func}({numeric_of(value)})"
@@ -257,11 +261,15 @@ def count_cap(aggregate: Aggregate) -> int | None:
 
 # -- rollups (compiler/rollups.py) -----------------------------------------------------
 
-ROLLED_UP = frozenset({"sum", "min", "max", "avg"})
+ROLLED_UP = frozenset({"sum", "min", "max", "avg", "distinct"})
 
 
-def rollup_spec(flt: EventFilter, f: Field) -> rollup_sql.RollupSpec:
-    return rollup_sql.RollupSpec(filter_sql(flt, "e"), numeric_of(field_value(f, "e")))
+def rollup_spec(flt: EventFilter, f: Field, func: str) -> rollup_sql.RollupSpec:
+    value = field_value(f, "e")
+    if func == "distinct":
+        return rollup_sql.RollupSpec(filter_sql(flt, "e"), distinct_of(value),
+                                     rollup_sql.DISTINCT)
+    return rollup_sql.RollupSpec(filter_sql(flt, "e"), numeric_of(value))
 
 
 def rollup_levels(window: Window) -> tuple[rollup_sql.Level, ...]:
@@ -296,7 +304,7 @@ def rollup_specs(segment: Segment) -> list[rollup_sql.RollupSpec]:
     specs: dict[str, rollup_sql.RollupSpec] = {}
     for flt, window, func, f in _aggregates(segment):
         if func in ROLLED_UP and f is not None and rollup_levels(window):
-            spec = rollup_spec(flt, f)
+            spec = rollup_spec(flt, f, func)
             specs.setdefault(spec.signature, spec)
     return list(specs.values())
 
@@ -468,7 +476,7 @@ class _Builder:
         if func not in ROLLED_UP or f is None:
             return None
         levels = rollup_levels(window)
-        spec = rollup_spec(flt, f)
+        spec = rollup_spec(flt, f, func)
         rollup_id = self.rollups.get(spec.signature)
         if not levels or rollup_id is None:
             return None
@@ -488,6 +496,9 @@ class _Builder:
         matching = f"e.profile_id = i.profile_id AND {upto('e')} AND {filter_sql(flt, 'e')}"
         if window.within is not None:
             matching += f" AND e.occurred_at > v_from - {interval(window.within)}"
+        if func == "distinct":
+            read = rollup_sql.distinct_read(rollup_id, levels, starts, matching, spec.value_sql)
+            return f"SELECT ru.n AS v FROM ({read}) ru"
         read = rollup_sql.window_read(rollup_id, levels, starts, matching, spec.value_sql)
         return f"SELECT {rollup_sql.finish(func, 'ru')} AS v FROM ({read}) ru"
 

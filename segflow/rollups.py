@@ -28,10 +28,11 @@ def _get(row: Any, index: int, name: str) -> Any:
 
 def _regenerate(conn: psycopg.Connection[Any]) -> None:
     rows = conn.execute(
-        "SELECT rollup_id, filter_sql, value_sql FROM segflow.rollup_defs ORDER BY rollup_id"
-    ).fetchall()
-    specs = [(_get(r, 0, "rollup_id"), RollupSpec(_get(r, 1, "filter_sql"),
-                                                  _get(r, 2, "value_sql"))) for r in rows]
+        "SELECT rollup_id, filter_sql, value_sql, kind FROM segflow.rollup_defs"
+        " ORDER BY rollup_id").fetchall()
+    specs = [(_get(r, 0, "rollup_id"),
+              RollupSpec(_get(r, 1, "filter_sql"), _get(r, 2, "value_sql"), _get(r, 3, "kind")))
+             for r in rows]
     conn.execute(maintenance_sql(specs))
 
 
@@ -53,9 +54,9 @@ def register(conn: psycopg.Connection[Any], specs: Iterable[RollupSpec]) -> dict
     ids = []
     for signature, spec in new.items():
         row = conn.execute(
-            "INSERT INTO segflow.rollup_defs (signature, filter_sql, value_sql) "
-            "VALUES (%s, %s, %s) RETURNING rollup_id",
-            (signature, spec.filter_sql, spec.value_sql)).fetchone()
+            "INSERT INTO segflow.rollup_defs (signature, filter_sql, value_sql, kind) "
+            "VALUES (%s, %s, %s, %s) RETURNING rollup_id",
+            (signature, spec.filter_sql, spec.value_sql, spec.kind)).fetchone()
         assert row is not None
         ids.append(_get(row, 0, "rollup_id"))
     _regenerate(conn)
@@ -84,7 +85,8 @@ def drop_unused(conn: psycopg.Connection[Any]) -> list[int]:
         " WHERE u.rollup_id = r.rollup_id AND d.active) RETURNING r.rollup_id").fetchall()
     ids = [_get(r, 0, "rollup_id") for r in rows]
     if ids:
-        conn.execute("DELETE FROM segflow.event_rollups WHERE rollup_id = ANY (%s::integer[])",
-                     (ids,))
+        for table in ("event_rollups", "event_distinct_values"):
+            conn.execute(f"DELETE FROM segflow.{table} WHERE rollup_id = ANY (%s::integer[])",
+                         (ids,))
         _regenerate(conn)
     return ids

@@ -124,7 +124,8 @@ def reset(conn: psycopg.Connection[Any]) -> None:
         TRUNCATE segflow.events, segflow.event_keys, segflow.identities, segflow.profiles,
                  segflow.profile_merges, segflow.segment_members, segflow.transition_log,
                  segflow.schedule, segflow.segment_defs, segflow.score_defs,
-                 segflow.rollup_defs, segflow.rollup_users, segflow.event_rollups
+                 segflow.rollup_defs, segflow.rollup_users, segflow.event_rollups,
+                 segflow.event_distinct_values
                  RESTART IDENTITY;
         ALTER SEQUENCE segflow.event_id_seq RESTART;
         DROP SCHEMA segments CASCADE; CREATE SCHEMA segments;
@@ -228,6 +229,9 @@ def test_engine_matches_reference(conn: psycopg.Connection[Any], scenario: Scena
     install(conn, definitions)
     if conn.execute("SELECT EXISTS (SELECT 1 FROM segflow.rollup_defs)").fetchone() == (True,):
         event("an aggregate reads a rollup")
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM segflow.rollup_defs WHERE kind = 'distinct')"
+                    ).fetchone() == (True,):
+        event("distinct reads a rollup")
 
     clocks = [clock for clock, _ in scenario.deliveries]
     rows = [row for _, row in scenario.deliveries]

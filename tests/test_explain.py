@@ -170,55 +170,65 @@ SUM_DEFINITION = {
     "name": "monthly_volume",
     "rule": {"events": "deposit", "within": "30d", "sum": {"field": "amount_usd", "gte": 1}},
 }
+DISTINCT_DEFINITION = {
+    "name": "monthly_assets",
+    "rule": {"events": "deposit", "within": "30d",
+             "distinct": {"field": "properties.asset", "gte": 2}},
+}
+# 40 days of deposits, one every 10 minutes, for each of 10 traders: 5,760 events each, 4,320
+# in a 30-day window, on one of 3 assets.
+HISTORY_TIMES = [NOW - timedelta(minutes=10 * n, seconds=7) for n in range(40 * 144)]
+ASSETS = 3
 
 
-def test_window_sum_reads_rollups_and_bounded_raw_edges(
-    conn: psycopg.Connection[Any], tmp_path: Path
-) -> None:
-    # 40 days of deposits, one every 10 minutes, for each of 10 traders: 5,760 events each.
+def explain_rolled_up(conn: psycopg.Connection[Any], tmp_path: Path,
+                      definition: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan nodes of the definition's evaluation for one trader at NOW, over the history
+    above, with the definition's rollups installed."""
     at(conn, NOW.isoformat())
-    times = [NOW - timedelta(minutes=10 * n, seconds=7) for n in range(40 * 144)]
     conn.execute(
-        "INSERT INTO segflow.events (event_type, occurred_at, identifiers, amount, currency) "
-        "SELECT 'deposit', t, jsonb_build_object('crm_id', 'C-' || k), 10, 'USD' "
-        "FROM unnest(%s::timestamptz[]) t, generate_series(0, 9) k", (times,))
-    install(conn, tmp_path, extra={"monthly_volume": SUM_DEFINITION})
+        "INSERT INTO segflow.events (event_type, occurred_at, identifiers, amount, currency, "
+        "properties) "
+        "SELECT 'deposit', t, jsonb_build_object('crm_id', 'C-' || k), 10, 'USD', "
+        "jsonb_build_object('asset', 'A' || (o %% %s)) "
+        "FROM unnest(%s::timestamptz[]) WITH ORDINALITY u(t, o), generate_series(0, 9) k",
+        (ASSETS, HISTORY_TIMES))
+    name = definition["name"]
+    install(conn, tmp_path, extra={name: definition})
     conn.execute("ANALYZE segflow.events_stored")
     conn.execute("ANALYZE segflow.event_rollups")
-    (tmp_path / "definitions" / "monthly_volume.json").write_text(json.dumps(SUM_DEFINITION))
+    conn.execute("ANALYZE segflow.event_distinct_values")
+    (tmp_path / "definitions" / f"{name}.json").write_text(json.dumps(definition))
     profile = conn.execute("SELECT profile_id FROM segflow.identities WHERE value = 'C-1'"
                            ).fetchone()
     assert profile is not None
-    project = load_paths([tmp_path / "definitions" / "monthly_volume.json"])
+    project = load_paths([tmp_path / "definitions" / f"{name}.json"])
     ids = {name: sid for name, sid in conn.execute(
         "SELECT name, segment_id FROM segflow.segment_defs").fetchall()}
     rollups = {sig: rid for sig, rid in conn.execute(
         "SELECT signature, rollup_id FROM segflow.rollup_defs").fetchall()}
-    compiled = compile_segment(project.segments["monthly_volume"], ids, project.scores, "",
-                               rollups)
+    compiled = compile_segment(project.segments[name], ids, project.scores, "", rollups)
     assert compiled.rollup_ids
     query = standalone_eval(compiled.eval_query)
     conn.execute("SET jit = off")
     row = conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}",
                        {"profiles": [profile[0]], "ats": [NOW]}).fetchone()
     assert row is not None
-    nodes = list(plan_nodes(row[0][0]["Plan"]))
+    return list(plan_nodes(row[0][0]["Plan"]))
 
-    buckets = [n for n in nodes if n.get("Relation Name") == "event_rollups"]
-    indexed = ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
-    assert buckets and all(n["Node Type"] in indexed for n in buckets), sorted(
-        {n["Node Type"] for n in buckets})
-    # 29 whole days, up to 23 hours and 59 minutes at each edge: never the 4,320 events.
-    assert sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in buckets) < 29 + 2 * (
-        23 + 59)
 
+def rows_read(nodes: list[dict[str, Any]]) -> int:
+    return sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in nodes)
+
+
+def assert_bounded_raw_edges(nodes: list[dict[str, Any]]) -> None:
     events = [n for n in nodes if str(n.get("Relation Name", "")).startswith("events_")]
     executed_scans = [n for n in events if n.get("Actual Loops", 0) > 0]
     assert events and not any(n["Node Type"] == "Seq Scan" for n in executed_scans), [
         (n["Relation Name"], n["Node Type"], n.get("Filter")) for n in executed_scans]
-    # The sum itself reads raw events only in the partial minutes at the window's edges
+    # The aggregate itself reads raw events only in the partial minutes at the window's edges
     # (the oldest event in the window, for the next change instant, is one more row).
-    read = sum(n.get("Actual Rows", 0) * n.get("Actual Loops", 1) for n in events)
+    read = rows_read(events)
     assert read <= 4, read
     # Each raw read opens at most the day partitions its range can overlap.
     appends = [n for n in nodes if n["Node Type"] in ("Append", "MergeAppend")
@@ -229,3 +239,33 @@ def test_window_sum_reads_rollups_and_bounded_raw_edges(
                     if str(c.get("Relation Name", "")).startswith("events_")
                     and c.get("Actual Loops", 0) > 0]
         assert len(executed) <= 2, executed
+
+
+# 29 whole days, up to 23 hours and 59 minutes at each edge.
+WINDOW_BUCKETS = 29 + 2 * (23 + 59)
+INDEXED = ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
+
+
+def test_window_sum_reads_rollups_and_bounded_raw_edges(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    nodes = explain_rolled_up(conn, tmp_path, SUM_DEFINITION)
+    buckets = [n for n in nodes if n.get("Relation Name") == "event_rollups"]
+    assert buckets and all(n["Node Type"] in INDEXED for n in buckets), sorted(
+        {n["Node Type"] for n in buckets})
+    # Never the 4,320 events.
+    assert rows_read(buckets) < WINDOW_BUCKETS
+    assert_bounded_raw_edges(nodes)
+
+
+def test_window_distinct_reads_bucket_values_and_bounded_raw_edges(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    nodes = explain_rolled_up(conn, tmp_path, DISTINCT_DEFINITION)
+    values = [n for n in nodes if n.get("Relation Name") == "event_distinct_values"]
+    assert values and all(n["Node Type"] in INDEXED for n in values), sorted(
+        {n["Node Type"] for n in values})
+    # At most one row per asset per bucket, never the 4,320 events.
+    assert rows_read(values) <= ASSETS * WINDOW_BUCKETS < len(HISTORY_TIMES) * 3 // 4
+    assert not any(n.get("Relation Name") == "event_rollups" for n in nodes)
+    assert_bounded_raw_edges(nodes)

@@ -1,9 +1,10 @@
-"""Rollups behind sum/min/max/avg: exact at bucket boundaries and window edges, kept right by
-every path that writes events (ingest, trusted rows, merges, SQL updates and deletes,
+"""Rollups behind sum/min/max/avg/distinct: exact at bucket boundaries and window edges, kept
+right by every path that writes events (ingest, trusted rows, merges, SQL updates and deletes,
 retention), built by apply and dropped with their last user."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,7 +20,7 @@ from tests.helpers import at, install
 DAY0 = datetime(2026, 12, 1, tzinfo=UTC)
 NOW = DAY0 + timedelta(days=2, hours=12)
 US = timedelta(microseconds=1)
-FIELDS = {"amt": "amount", "util": "properties.util"}
+FIELDS = {"amt": "amount", "util": "properties.util", "src": "source"}
 WINDOWS: dict[str, dict[str, Any]] = {
     "w5m": {"within": "5m"},
     "w90s": {"within": "90s"},  # too short for buckets: a plain scan
@@ -45,6 +46,17 @@ PROBES: dict[str, dict[str, Any]] = {
     }
     for func in ("sum", "min", "max", "avg")
 }
+# distinct counts values of any type: a numeric column, a property of mixed JSON types (1 and
+# 1.0 are one value, a JSON null none) and a text column.
+PROBES["probe_distinct"] = {
+    "name": "probe_distinct",
+    "rule": {"all": []},
+    "context": {
+        f"{field}_{window}": {"events": "deposit", **spec, "distinct": {"field": path}}
+        for field, path in FIELDS.items()
+        for window, spec in WINDOWS.items()
+    },
+}
 GATE: dict[str, Any] = {
     "name": "gate",
     "rule": {"any": [
@@ -53,6 +65,21 @@ GATE: dict[str, Any] = {
         {"events": "deposit", "within": "3d", "max": {"field": "amount", "gt": 900}},
     ]},
 }
+# distinct as a condition: its comparison, and the next change instant of its window.
+GATE_DISTINCT: dict[str, Any] = {
+    "name": "gate_distinct",
+    "rule": {"any": [
+        {"events": "deposit", "within": "1d", "distinct": {"field": "properties.util",
+                                                            "gte": 4}},
+        {"events": "deposit", "within": "2h", "distinct": {"field": "amount", "gte": 2}},
+    ]},
+}
+GATES = {"gate": GATE, "gate_distinct": GATE_DISTINCT}
+
+
+# Values too large to be keys of a bucket's B-tree: distinct reads them from the events.
+LARGE = [{"blob": "".join(hashlib.sha256(f"{k}-{n}".encode()).hexdigest() for n in range(50))}
+         for k in range(2)]
 
 
 def boundary_times() -> list[datetime]:
@@ -73,7 +100,7 @@ def event_rows() -> list[dict[str, Any]]:
     rows = []
     for n, occurred in enumerate(boundary_times()):
         kind = "withdrawal" if n % 11 == 5 else "deposit"
-        util: Any = [0.5, 1, "high", None, 0.95, 2.5][n % 6]
+        util: Any = [0.5, 1, "high", None, 0.95, 2.5, 1.0, ["high"], *LARGE][n % 10]
         rows.append({
             "event_type": kind, "occurred_at": occurred, "amount": Decimal(100 + 37 * (n % 29)),
             "source": "web" if n % 3 else "app",
@@ -128,7 +155,7 @@ def segment_id(conn: psycopg.Connection[Any], name: str) -> int:
 def check_against_reference(conn: psycopg.Connection[Any], profile_id: int,
                             instants: list[datetime]) -> None:
     world = reference.World(events=to_events(conn), traits={},
-                            segments={**PROBES, "gate": GATE}, scores={})
+                            segments={**PROBES, **GATES}, scores={})
     ids = [profile_id] * len(instants)
     # Like the engine's entry points: JIT would compile these queries for minutes.
     conn.execute("SET jit = off")
@@ -141,17 +168,22 @@ def check_against_reference(conn: psycopg.Connection[Any], profile_id: int,
             expected = reference.context_at(world, name, profile_id, when)
             wrong = {k: (context[k], v) for k, v in expected.items() if not same(context[k], v)}
             assert not wrong, f"{name} at {when}: (engine, reference) {wrong}"
-    gate = segment_id(conn, "gate")
-    gated = conn.execute(f"SELECT at, member FROM segflow_compiled.s{gate}_eval(%s, %s)",
-                         (ids, instants)).fetchall()
-    for when, member in gated:
-        assert member == reference.evaluate_segment(world, "gate", profile_id, when), when
+    for name in GATES:
+        gate = segment_id(conn, name)
+        gated = conn.execute(f"SELECT at, member FROM segflow_compiled.s{gate}_eval(%s, %s)",
+                             (ids, instants)).fetchall()
+        for when, member in gated:
+            assert member == reference.evaluate_segment(world, name, profile_id, when), (
+                name, when)
 
 
 def rollups_snapshot(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in conn.execute(
         "SELECT profile_id, rollup_id, level, bucket_start, n, total, lo, hi"
-        " FROM segflow.event_rollups ORDER BY 1, 2, 3, 4").fetchall()]
+        " FROM segflow.event_rollups ORDER BY 1, 2, 3, 4").fetchall()] + [
+        tuple(r) for r in conn.execute(
+            "SELECT profile_id, rollup_id, level, bucket_start, value::text, n"
+            " FROM segflow.event_distinct_values ORDER BY 1, 2, 3, 4, 5").fetchall()]
 
 
 def assert_rollups_match_events(conn: psycopg.Connection[Any]) -> None:
@@ -170,8 +202,10 @@ def test_aggregates_exact_on_bucket_boundaries_and_window_edges(
     at(conn, NOW.isoformat())
     conn.execute("INSERT INTO segflow.profiles (profile_id) VALUES (1)")
     ingest(conn, 1, first)  # before install: apply builds the rollups from these
-    install(conn, tmp_path, extra={**PROBES, "gate": GATE})
-    assert conn.execute("SELECT count(*) FROM segflow.rollup_defs").fetchone() == (3,)
+    install(conn, tmp_path, extra={**PROBES, **GATES})
+    # The gate shares the probes' rollups: three numeric pairs, three distinct ones.
+    assert conn.execute("SELECT kind, count(*) FROM segflow.rollup_defs GROUP BY 1 ORDER BY 1"
+                        ).fetchall() == [("distinct", 3), ("numeric", 3)]
     for k in range(0, len(rest), 7):  # after install: added statement by statement
         ingest(conn, 1, rest[k:k + 7])
     assert_rollups_match_events(conn)
@@ -187,7 +221,7 @@ def test_merges_updates_deletes_and_trusted_rows_keep_rollups_right(
     conn.execute("SET jit = off")
     conn.execute("INSERT INTO segflow.profiles (profile_id, created_at) VALUES (1, %s), (2, %s)",
                  (DAY0 - timedelta(days=9), DAY0 - timedelta(days=1)))
-    install(conn, tmp_path, extra={**PROBES, "gate": GATE})
+    install(conn, tmp_path, extra={**PROBES, **GATES})
     ingest(conn, 1, rows[::2])
     ingest(conn, 2, rows[1::2])
     conn.execute("SELECT segflow.merge_profiles(1, 2)")
@@ -216,11 +250,12 @@ def test_retention_drops_the_buckets_of_dropped_days(
 ) -> None:
     at(conn, NOW.isoformat())
     conn.execute("INSERT INTO segflow.profiles (profile_id) VALUES (1)")
-    install(conn, tmp_path, extra={**PROBES, "gate": GATE})
+    install(conn, tmp_path, extra={**PROBES, **GATES})
     ingest(conn, 1, event_rows())
     assert conn.execute("SELECT segflow.apply_retention('36 hours')").fetchone()[0] >= 1
-    assert conn.execute("SELECT min(bucket_start) FROM segflow.event_rollups").fetchone() == (
-        DAY0 + timedelta(days=1),)
+    for table in ("event_rollups", "event_distinct_values"):
+        assert conn.execute(f"SELECT min(bucket_start) FROM segflow.{table}").fetchone() == (
+            DAY0 + timedelta(days=1),)
     assert_rollups_match_events(conn)
 
 
@@ -235,14 +270,21 @@ def test_apply_shares_rollups_and_drops_them_with_their_last_user(
     two = {"name": "two", "rule": {"events": "deposit", "within": "3d",
                                    "avg": {"field": "amount", "gte": 1}},
            "context": {"total": {"events": "deposit", "sum": {"field": "amount"}}}}
-    install(conn, tmp_path, extra={"one": one, "two": two})
-    # One (filter, field) pair, one rollup, read by both.
-    assert conn.execute("SELECT count(*) FROM segflow.rollup_defs").fetchone() == (1,)
-    assert conn.execute("SELECT count(*) FROM segflow.rollup_users").fetchone() == (2,)
+    three = {"name": "three", "rule": {"events": "deposit", "within": "1d",
+                                       "distinct": {"field": "amount", "gte": 2}},
+             "context": {"amounts": {"events": "deposit", "distinct": {"field": "amount"}}}}
+    install(conn, tmp_path, extra={"one": one, "two": two, "three": three})
+    # One (filter, field) pair, one rollup per kind: the numeric one read by both sums.
+    assert conn.execute("SELECT kind, count(*) FROM segflow.rollup_defs GROUP BY 1 ORDER BY 1"
+                        ).fetchall() == [("distinct", 1), ("numeric", 1)]
+    assert conn.execute("SELECT count(*) FROM segflow.rollup_users").fetchone() == (3,)
+    assert conn.execute("SELECT count(*) > 0 FROM segflow.event_distinct_values").fetchone() == (
+        True,)
     assert_rollups_match_events(conn)
     install(conn, tmp_path, extra={"two": two})
     assert conn.execute("SELECT count(*) FROM segflow.rollup_users").fetchone() == (1,)
     assert conn.execute("SELECT count(*) > 0 FROM segflow.event_rollups").fetchone() == (True,)
+    assert conn.execute("SELECT count(*) FROM segflow.event_distinct_values").fetchone() == (0,)
     install(conn, tmp_path, extra={"one": {**one, "rule": {"events": "trade"}}})
     assert conn.execute("SELECT count(*) FROM segflow.rollup_defs").fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM segflow.event_rollups").fetchone() == (0,)

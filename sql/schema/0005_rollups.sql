@@ -1,12 +1,13 @@
--- segflow rollups: per-profile bucketed aggregates, so that sum/min/max/avg over a window read
--- a bounded number of rows whatever the length of the profile's history.
+-- segflow rollups: per-profile bucketed aggregates, so that sum/min/max/avg/distinct over a
+-- window read a bounded number of rows whatever the length of the profile's history.
 --
--- A rollup is one (event filter, numeric field) pair that installed segments aggregate; segments
+-- A rollup is one (event filter, field) pair that installed segments aggregate; segments
 -- aggregating the same pair share it. For each profile it keeps, per minute, hour and UTC day
 -- bucket (aligned to the Unix epoch), the count, sum, least and greatest of the numeric values
--- of the matching events. An evaluation over [S, T] reads the coarsest buckets that lie wholly
--- inside it, finer buckets towards both edges, and the raw events of the partial minutes at the
--- edges (compiler/rollups.py), so windows stay exact to the microsecond.
+-- of the matching events (kind numeric), or the distinct values seen in the bucket (kind
+-- distinct). An evaluation over [S, T] reads the coarsest buckets that lie wholly inside it,
+-- finer buckets towards both edges, and the raw events of the partial minutes at the edges
+-- (compiler/rollups.py), so windows stay exact to the microsecond.
 --
 -- The compiler generates, from the rollups installed, segflow_compiled.rollups_add (new events,
 -- added to their buckets), rollups_refresh (recompute the buckets of some profile days) and
@@ -20,6 +21,8 @@ CREATE TABLE segflow.rollup_defs (
     -- maintenance functions are regenerated.
     filter_sql text NOT NULL,
     value_sql  text NOT NULL,
+    -- numeric: sum/min/max/avg (event_rollups); distinct: event_distinct_values.
+    kind       text NOT NULL DEFAULT 'numeric' CHECK (kind IN ('numeric', 'distinct')),
     created_at timestamptz NOT NULL DEFAULT segflow.now()
 );
 
@@ -40,6 +43,19 @@ CREATE TABLE segflow.event_rollups (
     lo           numeric NOT NULL,
     hi           numeric NOT NULL,
     PRIMARY KEY (profile_id, rollup_id, level, bucket_start)
+);
+
+-- The distinct values of a distinct rollup's field per bucket: one row per value, not per
+-- event, so a window's distinct count reads (values x buckets) rows plus its raw edges.
+-- Values are jsonb (typed columns through to_jsonb), whose equality is the aggregate's.
+CREATE TABLE segflow.event_distinct_values (
+    profile_id   bigint NOT NULL,
+    rollup_id    integer NOT NULL,
+    level        smallint NOT NULL,  -- 1: minute, 2: hour, 3: UTC day
+    bucket_start timestamptz NOT NULL,
+    value        jsonb NOT NULL,
+    n            bigint NOT NULL,     -- matching events with this value in the bucket
+    PRIMARY KEY (profile_id, rollup_id, level, bucket_start, value)
 );
 
 -- New stored events (the ingest path, or trusted rows inserted with stored = true) are added to
@@ -122,6 +138,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     -- DELETE: a TRUNCATE may list event_rollups itself, which is then in use here.
     DELETE FROM segflow.event_rollups;
+    DELETE FROM segflow.event_distinct_values;
     RETURN NULL;
 END
 $$;
@@ -165,5 +182,6 @@ CREATE TRIGGER events_rollups_truncate
 -- Buckets never span two UTC days, so what remains matches the events that remain.
 CREATE FUNCTION segflow._rollups_after_retention(p_before timestamptz) RETURNS void
 LANGUAGE sql AS $$
-    DELETE FROM segflow.event_rollups WHERE bucket_start < p_before
+    DELETE FROM segflow.event_rollups WHERE bucket_start < p_before;
+    DELETE FROM segflow.event_distinct_values WHERE bucket_start < p_before;
 $$;
