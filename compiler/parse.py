@@ -648,7 +648,17 @@ class _Parser:
             return ()
         if not isinstance(value, list):
             self.fail(path, f"actions must be a list, got {_describe(value)}")
-        return tuple(self.action(item, _index(path, i)) for i, item in enumerate(value))
+        actions = tuple(self.action(item, _index(path, i)) for i, item in enumerate(value))
+        # A transition makes one delivery per destination: a second action to the same
+        # destination on the same kind would be dropped without a word.
+        seen: dict[tuple[str, str], int] = {}
+        for i, action in enumerate(actions):
+            first = seen.setdefault((action.on, action.destination), i)
+            if first != i:
+                self.fail(_join(_index(path, i), "destination"),
+                          f"actions[{first}] already sends on: {action.on} to "
+                          f"{action.destination}; one action per destination and kind")
+        return actions
 
     def action(self, value: object, path: str) -> Action:
         d = self.mapping(value, path, "action")

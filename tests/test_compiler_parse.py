@@ -814,6 +814,14 @@ def test_payload_must_be_plain_json() -> None:
     assert "plain JSON" in e.reason
 
 
+def test_one_action_per_destination_and_kind() -> None:
+    e = rule_error({"events": "d"}, actions=[
+        {"on": "enter", "destination": "x"}, {"on": "exit", "destination": "x"},
+        {"on": "enter", "destination": "x", "payload": {"other": 1}}])
+    assert e.path == "actions[2].destination"
+    assert "actions[0] already sends on: enter to x" in e.reason
+
+
 def test_actions_must_be_a_list() -> None:
     e = rule_error({"events": "d"}, actions={"on": "enter", "destination": "x"})
     assert (e.path, "must be a list" in e.reason) == ("actions", True)

@@ -452,3 +452,17 @@ def test_a_timed_out_attempt_is_retried_with_the_same_key(
     [row] = deliveries(conn)
     assert (row["status"], row["attempts"], row["last_error"]) == ("delivered", 2, None)
     assert receiver.keys() == [row["delivery_key"]] * 2
+
+
+def test_null_context_values_reach_the_receiver(db_url: str, conn: Conn, tmp_path: Path,
+                                               receiver: Receiver) -> None:
+    segment = depositors({"on": "enter", "destination": "hook"})
+    segment["context"] = {"method": {"last": "deposit", "field": "properties.method"}}
+    setup(conn, tmp_path, receiver, segment)
+    event(conn, "deposit", "2026-12-03T09:10:00Z", "C-1", amount=5, currency="USD")
+    with workers(db_url):
+        wait_for(conn, SETTLED)
+    [(_, body)] = receiver.requests
+    doc = json.loads(body)
+    assert doc["context"] == {"method": None}
+    assert "payload" not in doc

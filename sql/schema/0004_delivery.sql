@@ -273,10 +273,13 @@ BEGIN
     SELECT c.delivery_id, c.profile_id, c.destination, dst.url, dst.secret_env, dst.secret_file,
            extract(epoch FROM dst.timeout)::double precision, c.attempts, dst.max_attempts,
            c.delivery_key,
-           jsonb_strip_nulls(jsonb_build_object(
+           jsonb_build_object(
                'transition_id', t.transition_id, 'segment', sd.name,
                'profile_id', t.profile_id, 'kind', t.kind, 'effective_at', t.effective_at,
-               'reason', t.reason, 'context', t.context, 'payload', c.payload))
+               'reason', t.reason, 'context', t.context)
+           -- Only an absent payload is left out: nulls inside context are values.
+           || CASE WHEN c.payload IS NULL THEN '{}'::jsonb
+                   ELSE jsonb_build_object('payload', c.payload) END
            || jsonb_build_object('profile', coalesce(s.traits, p.traits, '{}'))
     FROM unnest(v_claimed_profiles, v_claimed) k(profile_id, delivery_id)
     JOIN segflow.deliveries c ON c.profile_id = k.profile_id AND c.delivery_id = k.delivery_id
