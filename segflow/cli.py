@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -160,7 +159,11 @@ def deliveries_retry(
 
 def receive_webhooks(stop: threading.Event, port: int = 8080) -> None:
     """The demo's webhook receiver: examples/webhook_receiver.py, its output in a log file."""
-    log = Path(tempfile.gettempdir()) / "segflow-demo-webhooks.log"
+    from segflow.cluster import segflow_data_dir
+
+    # In the user's own data directory: a shared temp file may belong to another user.
+    log = segflow_data_dir() / "demo-webhooks.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out, subprocess.Popen(
         [sys.executable, str(EXAMPLES.parent / "webhook_receiver.py"), "--port", str(port)],
         stdout=out, stderr=subprocess.STDOUT,

@@ -201,7 +201,9 @@ def server_popen_kwargs(user: pwd.struct_passwd | None, cwd: Path | None = None)
     return kwargs
 
 
-def _segflow_data_dir() -> Path:
+def segflow_data_dir() -> Path:
+    """Where segflow keeps local files: `$SEGFLOW_DATA_DIR`, else the user's data directory
+    (`/var/lib/segflow` as root)."""
     explicit = os.environ.get("SEGFLOW_DATA_DIR")
     if explicit:
         return Path(explicit).expanduser().absolute()
@@ -218,7 +220,7 @@ def local_cluster_dir() -> Path:
     `$SEGFLOW_DATA_DIR/pg` if set, else `$XDG_DATA_HOME/segflow/pg` (default
     `~/.local/share/segflow/pg`), or `/var/lib/segflow/pg` when running as root.
     """
-    return _segflow_data_dir() / "pg"
+    return segflow_data_dir() / "pg"
 
 
 def local_port() -> int:
