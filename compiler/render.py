@@ -200,6 +200,37 @@ def latest_sql(flt: EventFilter, alias: str = "l", newer_than: Duration | None =
     )
 
 
+def book_range(alias: str) -> str:
+    """Book form: events of the batch's profile id range at or before the one instant
+    (v_to = p_at), within the variable bounds the executor prunes partitions by."""
+    return (
+        f"{alias}.profile_id >= v_low AND {alias}.profile_id <= v_high "
+        f"AND {alias}.occurred_at <= v_to AND {alias}.occurred_at >= v_floor"
+    )
+
+
+def book_latest_sql(flt: EventFilter, newer_than: Duration | None = None) -> str:
+    """Book form of ``latest_sql``: the latest matching event of each profile (ties:
+    ingested last)."""
+    young = f"AND l.occurred_at > v_from - {interval(newer_than)} " if newer_than else ""
+    return (
+        f"SELECT DISTINCT ON (l.profile_id) l.* FROM {EVENTS} l "
+        f"WHERE {book_range('l')} {young}AND {filter_sql(flt, 'l')} "
+        f"ORDER BY l.profile_id, l.occurred_at DESC, l.event_id DESC"
+    )
+
+
+def groupable(window: Window) -> bool:
+    """Whether the book form can read a window in one grouped pass: sessions and
+    ``since_last`` start at a per-profile instant and stay per-profile reads."""
+    return not window.session and window.since_last is None
+
+
+def empty_value(func: str) -> str:
+    """An aggregate over no events, as the SQL aggregates (and ``aggregate_expr``) give it."""
+    return "0" if func in ("count", "sum", "distinct") else "NULL::numeric"
+
+
 def window_sql(window: Window, alias: str) -> str:
     parts = [f"{alias}.profile_id = i.profile_id", upto(alias)]
     if window.within is not None:
@@ -323,10 +354,19 @@ class _Builder:
     nexts: list[str] = field(default_factory=list)
     uses_sessions: bool = False
     used_rollups: set[int] = field(default_factory=set)
+    # Whole-book form: every profile at the one instant p_at, so the common conditions read
+    # their events in one grouped pass over the batch's id range instead of per profile.
+    book: bool = False
 
     def add(self, body: str) -> str:
         alias = f"c{len(self.laterals) + 1}"
         self.laterals.append(f"LEFT JOIN LATERAL ({body}) {alias} ON true")
+        return alias
+
+    def join(self, grouped: str) -> str:
+        """Book form: a subquery with one row per profile of the batch that has any."""
+        alias = f"c{len(self.laterals) + 1}"
+        self.laterals.append(f"LEFT JOIN ({grouped}) {alias} ON {alias}.profile_id = i.profile_id")
         return alias
 
     def score_sum(self, name: str) -> str:
@@ -402,35 +442,9 @@ class _Builder:
         if isinstance(cond, EventsCond):
             return self.events(cond)
         if isinstance(cond, LastFieldCond):
-            ok = comparison(field_value(cond.field, "l"), cond.comparison)
-            nx = "NULL::timestamptz"
-            if cond.max_age is not None:
-                ok = f"({ok} AND i.at - l.occurred_at < {interval(cond.max_age)})"
-                nx = f"l.occurred_at + {interval(cond.max_age)}"
-            # An event older than max_age decides nothing: the latest one is false too.
-            latest = latest_sql(cond.filter, newer_than=cond.max_age)
-            alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest}) l")
-            self.nexts.append(after(f"{alias}.nx"))
-            return f"coalesce({alias}.ok, false)"
+            return self.last_field(cond)
         if isinstance(cond, LastAgeCond):
-            ok = comparison(Value("(i.at - l.occurred_at)", "interval"), cond.comparison)
-            # Age grows continuously: `gte`/`lt` d flip exactly at d, `gt`/`lte` d a
-            # microsecond later, the others at both.
-            candidates: list[str] = []
-            for op, operand in cond.comparison:
-                items = operand if isinstance(operand, tuple) else (operand,)
-                for d in items:
-                    if not isinstance(d, Duration):
-                        continue
-                    edge = f"l.occurred_at + {interval(d)}"
-                    if op not in ("gt", "lte"):
-                        candidates.append(after(edge))
-                    if op not in ("gte", "lt"):
-                        candidates.append(after(f"{edge} + '1 microsecond'"))
-            nx = f"least({', '.join(candidates)})" if candidates else "NULL::timestamptz"
-            alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
-            self.nexts.append(f"{alias}.nx")
-            return f"coalesce({alias}.ok, false)"
+            return self.last_age(cond)
         if isinstance(cond, ScoreCond):
             half_life = self.scores[cond.name].half_life
             crossing = self.score_crossing(
@@ -444,6 +458,60 @@ class _Builder:
             self.nexts.append(f"{alias}.nx")
             return comparison(Value(f"{alias}.v", "numeric"), cond.comparison)
         raise TypeError(f"unknown condition {cond!r}")
+
+    def last_field(self, cond: LastFieldCond) -> str:
+        if self.book:
+            grouped = self.join(book_latest_sql(cond.filter, newer_than=cond.max_age))
+            return f"({grouped}.profile_id IS NOT NULL AND {self.last_field_ok(cond, grouped)})"
+        latest = latest_sql(cond.filter, newer_than=cond.max_age)
+        nx = "NULL::timestamptz"
+        if cond.max_age is not None:
+            nx = f"l.occurred_at + {interval(cond.max_age)}"
+        alias = self.add(f"SELECT {self.last_field_ok(cond, 'l')} AS ok, {nx} AS nx "
+                         f"FROM ({latest}) l")
+        self.nexts.append(after(f"{alias}.nx"))
+        return f"coalesce({alias}.ok, false)"
+
+    def last_field_ok(self, cond: LastFieldCond, alias: str) -> str:
+        """Whether the latest matching event ``alias`` passes (book form: also its next
+        change). An event older than max_age decides nothing: the latest one is false too."""
+        ok = comparison(field_value(cond.field, alias), cond.comparison)
+        if cond.max_age is not None:
+            ok = f"({ok} AND i.at - {alias}.occurred_at < {interval(cond.max_age)})"
+            if self.book:
+                self.nexts.append(after(f"{alias}.occurred_at + {interval(cond.max_age)}"))
+        return ok
+
+    def last_age(self, cond: LastAgeCond) -> str:
+        source = "l"
+        if self.book:
+            # Only the latest instant matters: a grouped max, not the latest row.
+            source = self.join(
+                f"SELECT l.profile_id, max(l.occurred_at) AS occurred_at FROM {EVENTS} l "
+                f"WHERE {book_range('l')} AND {filter_sql(cond.filter, 'l')} "
+                f"GROUP BY l.profile_id"
+            )
+        ok = comparison(Value(f"(i.at - {source}.occurred_at)", "interval"), cond.comparison)
+        # Age grows continuously: `gte`/`lt` d flip exactly at d, `gt`/`lte` d a
+        # microsecond later, the others at both.
+        candidates: list[str] = []
+        for op, operand in cond.comparison:
+            items = operand if isinstance(operand, tuple) else (operand,)
+            for d in items:
+                if not isinstance(d, Duration):
+                    continue
+                edge = f"{source}.occurred_at + {interval(d)}"
+                if op not in ("gt", "lte"):
+                    candidates.append(after(edge))
+                if op not in ("gte", "lt"):
+                    candidates.append(after(f"{edge} + '1 microsecond'"))
+        nx = f"least({', '.join(candidates)})" if candidates else "NULL::timestamptz"
+        if self.book:
+            self.nexts.append(nx)
+            return f"({source}.profile_id IS NOT NULL AND {ok})"
+        alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest_sql(cond.filter)}) l")
+        self.nexts.append(f"{alias}.nx")
+        return f"coalesce({alias}.ok, false)"
 
     def score_crossing(self, cmp: Comparison, half_life: str) -> str:
         """When the decaying score next crosses a threshold: S(t) = S·2^(−(t−T)/h)."""
@@ -502,11 +570,29 @@ class _Builder:
         read = rollup_sql.window_read(rollup_id, levels, starts, matching, spec.value_sql)
         return f"SELECT {rollup_sql.finish(func, 'ru')} AS v FROM ({read}) ru"
 
+    def grouped_aggregate(self, flt: EventFilter, window: Window, func: str,
+                          f: Field | None) -> str:
+        """Book form: a join yielding each profile's aggregate (``v``, NULL for profiles
+        without matching events) and earliest matching event (``oldest``) in the window."""
+        where = f"{book_range('e')} AND {filter_sql(flt, 'e')}"
+        if window.within is not None:
+            where += f" AND e.occurred_at > v_from - {interval(window.within)}"
+        return self.join(
+            f"SELECT e.profile_id, {aggregate_expr(func, f, 'e')} AS v, "
+            f"min(e.occurred_at) AS oldest FROM {EVENTS} e WHERE {where} GROUP BY e.profile_id"
+        )
+
     def events(self, cond: EventsCond) -> str:
         window = cond.window
         if window.session:
             self.uses_sessions = True
         agg = cond.aggregate
+        if self.book and groupable(window):
+            alias = self.grouped_aggregate(cond.filter, window, agg.func, agg.field)
+            if window.within is not None:
+                self.nexts.append(after(f"{alias}.oldest + {interval(window.within)}"))
+            value = f"coalesce({alias}.v, {empty_value(agg.func)})"
+            return comparison(Value(value, "numeric"), agg.comparison)
         ok = comparison(Value("a.v", "numeric"), agg.comparison)
         where = f"{window_sql(window, 'e')} AND {filter_sql(cond.filter, 'e')}"
         cap = count_cap(agg)
@@ -539,12 +625,20 @@ class _Builder:
         if isinstance(value, ContextTrait):
             return f"(pr.traits #> {lit(list(value.path))}::text[])"
         if isinstance(value, ContextLast):
+            if self.book:
+                alias = self.join(book_latest_sql(value.filter))
+                v = field_value(value.field, alias)
+                return v.expr if v.kind == "jsonb" else f"to_jsonb({v.expr})"
             v = field_value(value.field, "l")
             expr = v.expr if v.kind == "jsonb" else f"to_jsonb({v.expr})"
             return f"(SELECT {expr} FROM ({latest_sql(value.filter)}) l)"
         if isinstance(value, ContextEvents):
             if value.window.session:
                 self.uses_sessions = True
+            if self.book and groupable(value.window):
+                alias = self.grouped_aggregate(value.filter, value.window, value.func,
+                                               value.field)
+                return f"to_jsonb(coalesce({alias}.v, {empty_value(value.func)}))"
             rolled = self.rolled_up(value.filter, value.window, value.func, value.field)
             if rolled is not None:
                 return f"(SELECT to_jsonb(rv.v) FROM ({rolled}) rv)"
@@ -572,6 +666,8 @@ class CompiledSegment:
     view_sql: str
     # Rollups the evaluation reads (segflow.rollup_users).
     rollup_ids: tuple[int, ...] = ()
+    # The whole-book evaluation (s<id>_book): every profile of p_profile_ids at p_at.
+    book_query: str = ""
 
 
 def drop_sql(name: str, segment_id: int) -> str:
@@ -579,8 +675,60 @@ def drop_sql(name: str, segment_id: int) -> str:
     return (
         f"DROP VIEW IF EXISTS segments.{ident(name)}; "
         f"DROP FUNCTION IF EXISTS segflow_compiled.{ident(f's{segment_id}_eval')}"
-        f"(bigint[], timestamptz[])"
+        f"(bigint[], timestamptz[]); "
+        f"DROP FUNCTION IF EXISTS segflow_compiled.{ident(f's{segment_id}_book')}"
+        f"(bigint[], timestamptz)"
     )
+
+
+def _query(segment: Segment, segment_ids: Mapping[str, int], scores: Mapping[str, Score],
+           rollups: Mapping[str, int], *, book: bool) -> tuple[str, set[int]]:
+    """The evaluation as one SELECT (see segment_query.sql.j2) and the rollups it reads."""
+    builder = _Builder(segment, segment_ids, scores, rollups, book=book)
+    member = builder.condition(segment.rule)
+    if segment.goal is not None and segment.disqualify is not None:
+        member = (
+            f"({member} AND NOT EXISTS (SELECT 1 FROM {EVENTS} dq "
+            f"WHERE dq.profile_id = i.profile_id AND {upto('dq')} "
+            f"AND {filter_sql(segment.disqualify, 'dq')} "
+            f"AND dq.occurred_at > (SELECT max(g.occurred_at) FROM {EVENTS} g "
+            f"WHERE g.profile_id = i.profile_id AND {upto('g')} "
+            f"AND {filter_sql(segment.goal, 'g')})))"
+        )
+    context_pairs = [(key, builder.context_value(value)) for key, value in segment.context]
+    if book:
+        upcoming = builder.join(
+            f"SELECT f.profile_id, min(f.occurred_at) AS at FROM {EVENTS} f "
+            f"WHERE f.profile_id >= v_low AND f.profile_id <= v_high "
+            f"AND f.occurred_at > v_from GROUP BY f.profile_id"
+        )
+        builder.nexts.append(f"{upcoming}.at")
+    else:
+        builder.nexts.append(
+            f"(SELECT min(f.occurred_at) FROM {EVENTS} f "
+            f"WHERE f.profile_id = i.profile_id AND f.occurred_at > i.at "
+            f"AND f.occurred_at > v_from)"
+        )
+    laterals = list(builder.laterals)
+    if builder.uses_sessions:
+        laterals.insert(0, "LEFT JOIN LATERAL segflow.session_at(i.profile_id, i.at) sess ON true")
+        builder.nexts.append("sess.ends_at")
+    query = TEMPLATES.get_template("segment_query.sql.j2").render(
+        rows=(
+            "(SELECT p.profile_id, p_at AS at FROM unnest(p_profile_ids) p(profile_id)) AS i"
+            if book
+            else "unnest(p_profile_ids, p_ats) AS i(profile_id, at)"
+        ),
+        member=member,
+        next_at="least(" + ", ".join(builder.nexts) + ")",
+        context=(
+            "jsonb_build_object(" + ", ".join(f"{lit(k)}, {v}" for k, v in context_pairs) + ")"
+        )
+        if context_pairs
+        else "'{}'::jsonb",
+        laterals=laterals,
+    )
+    return query, builder.used_rollups
 
 
 def compile_segment(
@@ -593,40 +741,16 @@ def compile_segment(
     """SQL that installs (create_sql, view_sql) or removes (drop_sql) one segment.
     ``rollups``: installed rollup ids by signature (see ``rollup_specs``)."""
     segment_id = segment_ids[segment.name]
-    builder = _Builder(segment, segment_ids, scores, dict(rollups or {}))
-    member = builder.condition(segment.rule)
-    if segment.goal is not None and segment.disqualify is not None:
-        member = (
-            f"({member} AND NOT EXISTS (SELECT 1 FROM {EVENTS} dq "
-            f"WHERE dq.profile_id = i.profile_id AND {upto('dq')} "
-            f"AND {filter_sql(segment.disqualify, 'dq')} "
-            f"AND dq.occurred_at > (SELECT max(g.occurred_at) FROM {EVENTS} g "
-            f"WHERE g.profile_id = i.profile_id AND {upto('g')} "
-            f"AND {filter_sql(segment.goal, 'g')})))"
-        )
-    context_pairs = [(key, builder.context_value(value)) for key, value in segment.context]
-    laterals = list(builder.laterals)
-    if builder.uses_sessions:
-        laterals.insert(0, "LEFT JOIN LATERAL segflow.session_at(i.profile_id, i.at) sess ON true")
-        builder.nexts.append("sess.ends_at")
-    nexts = builder.nexts + [
-        f"(SELECT min(f.occurred_at) FROM {EVENTS} f "
-        f"WHERE f.profile_id = i.profile_id AND f.occurred_at > i.at "
-        f"AND f.occurred_at > v_from)"
-    ]
+    query, used_rollups = _query(segment, segment_ids, scores, dict(rollups or {}), book=False)
+    book_query, _ = _query(segment, segment_ids, scores, {}, book=True)
     function = f"s{segment_id}_eval"
-    query = TEMPLATES.get_template("segment_query.sql.j2").render(
-        member=member,
-        next_at="least(" + ", ".join(nexts) + ")",
-        context=(
-            "jsonb_build_object(" + ", ".join(f"{lit(k)}, {v}" for k, v in context_pairs) + ")"
+    create_sql = (
+        TEMPLATES.get_template("segment_eval.sql.j2").render(
+            function=ident(function), segment_name=segment.name, query=query
         )
-        if context_pairs
-        else "'{}'::jsonb",
-        laterals=laterals,
-    )
-    create_sql = TEMPLATES.get_template("segment_eval.sql.j2").render(
-        function=ident(function), segment_name=segment.name, query=query
+        + TEMPLATES.get_template("segment_book.sql.j2").render(
+            function=ident(f"s{segment_id}_book"), segment_name=segment.name, query=book_query
+        )
     )
     view_sql = TEMPLATES.get_template("segment_view.sql.j2").render(
         view=ident(segment.name),
@@ -642,5 +766,6 @@ def compile_segment(
         query,
         create_sql,
         view_sql,
-        tuple(sorted(builder.used_rollups)),
+        tuple(sorted(used_rollups)),
+        book_query,
     )

@@ -26,8 +26,6 @@ from compiler.render import compile_segment, drop_sql, rollup_specs
 from segflow import rollups
 from segflow.db import fetch_all, fetch_one, query
 
-BATCH = 5000
-
 Progress = Callable[[str, int, int], None]
 """(segment name, profiles done, profiles total)"""
 
@@ -84,17 +82,12 @@ def _closure(project: Project, name: str) -> tuple[list[str] | None, bool]:
 
 def _evaluate_all(conn: psycopg.Connection[Any], name: str, segment_id: int, at: datetime,
                   reason: str, total: int, progress: Progress | None) -> None:
-    after = 0
-    done = 0
-    while True:
-        row = fetch_one(conn, "evaluate_batch", segment_id=segment_id, after=after, limit=BATCH,
-                        at=at, reason=reason)
-        if row["last"] is None:
-            break
-        after = row["last"]
-        done = min(total, done + BATCH)
-        if progress:
-            progress(name, done, total)
+    """Evaluates the whole book in one set-based pass: the compiled book form reads each
+    window once, as a hand-written GROUP BY would, where batches would read it once each."""
+    if progress:
+        progress(name, 0, total)
+    fetch_one(conn, "evaluate_batch", segment_id=segment_id, after=0, limit=None, at=at,
+              reason=reason)
     if progress:
         progress(name, total, total)
 
@@ -250,13 +243,6 @@ def preview(conn: psycopg.Connection[Any], path: str | Path, *, sample: int = 10
         # Rollups already installed serve the preview; any other aggregate scans its window.
         compiled = compile_segment(segment, ids, project.scores, "", rollups.installed(conn))
         conn.execute(compiled.create_sql)
-        found: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            rows = conn.execute(query("preview_batch"), {"after": after, "limit": BATCH}).fetchall()
-            if not rows:
-                break
-            after = rows[-1]["profile_id"]
-            found += [dict(r) for r in rows if r["member"]]
+        found = [dict(r) for r in conn.execute(query("preview_members"))]
         total = fetch_one(conn, "live_profile_count")["n"]
     return Preview(name, len(found), total, found[:sample])

@@ -65,17 +65,14 @@ SELECT segflow.tick(%(at)s) AS n
 -- name: tick_now --
 SELECT segflow.tick() AS n
 
--- name: preview_batch --
--- Evaluates the segment compiled as s0 (inside a rolled-back transaction) for a batch.
-WITH batch AS (
-    SELECT array_agg(profile_id ORDER BY profile_id) AS ids FROM (
-        SELECT profile_id FROM segflow.profiles
-        WHERE merged_into IS NULL AND profile_id > %(after)s
-        ORDER BY profile_id LIMIT %(limit)s) p
-)
-SELECT e.profile_id, e.member, e.context
-FROM batch, segflow_compiled.s0_eval(batch.ids, array_fill(segflow.now(), ARRAY[cardinality(batch.ids)])) e
-WHERE batch.ids IS NOT NULL
+-- name: preview_members --
+-- Evaluates the segment compiled as s0 (inside a rolled-back transaction) over the whole
+-- book in one set-based pass; its members.
+SELECT e.profile_id, e.context
+FROM segflow_compiled.s0_book(
+    ARRAY(SELECT profile_id FROM segflow.profiles WHERE merged_into IS NULL ORDER BY profile_id),
+    segflow.now()) e
+WHERE e.member
 ORDER BY e.profile_id
 
 -- name: upsert_destination --

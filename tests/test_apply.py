@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row, tuple_row
 from typer.testing import CliRunner
 
 from segflow.cli import app
+from segflow.install import apply
 from tests.helpers import at, event, install, members, profile_of
 
 runner = CliRunner()
@@ -120,3 +124,70 @@ def test_five_hundred_segments(conn: psycopg.Connection[Any], tmp_path: Path) ->
     found = {r[0] for r in conn.execute(
         "SELECT segment FROM segflow.memberships WHERE profile_id = %s", (trader,))}
     assert found == expected and len(found) > 50
+
+
+def advisory_locks(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                       "AND pid = pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_backfill_holds_one_lock_whatever_the_size_of_the_book(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    # One lock per profile, held until commit, would overflow the lock table on a book of
+    # millions (max_locks_per_transaction × connections).
+    conn.execute("INSERT INTO segflow.profiles (profile_id, traits) "
+                 "SELECT g, '{\"tier\": \"gold\"}' FROM generate_series(1, 5000) g")
+    folder = tmp_path / "defs"
+    write(folder, "gold", {"name": "gold", "rule": {"trait": "tier", "eq": "gold"}})
+    with psycopg.connect(conn.info.dsn, row_factory=dict_row) as applying, \
+            applying.transaction():
+        apply(applying, [folder])
+        applying.row_factory = tuple_row
+        # Still in the transaction around apply: everything it locked is held.
+        assert len(members(applying, "gold")) == 5000
+        assert advisory_locks(applying) <= 3
+
+
+def test_events_written_during_a_backfill_count_once_it_commits(
+    db_url: str, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    at(conn, "2026-12-03 10:00:00+00")
+    event(conn, "deposit", "2026-12-03 09:00:00+00", "C-1", amount=50, currency="USD")
+    folder = tmp_path / "defs"
+    write(folder, "two_deposits", {"name": "two_deposits",
+                                   "rule": {"events": "deposit", "count": {"gte": 2}}})
+    with psycopg.connect(db_url, row_factory=dict_row) as applying, \
+            psycopg.connect(db_url) as writer:
+        at(applying, "2026-12-03 10:00:00+00")
+        at(writer, "2026-12-03 10:00:00+00")
+        apply(applying, [folder])
+        # apply has evaluated C-1 (one deposit) and not committed: a second deposit waits
+        # for it, so that the new segment sees it once committed.
+        writer_pid = writer.info.backend_pid
+        done = threading.Event()
+
+        def deposit() -> None:
+            event(writer, "deposit", "2026-12-03 10:00:00+00", "C-1", amount=50,
+                  currency="USD")
+            writer.commit()
+            done.set()
+
+        thread = threading.Thread(target=deposit)
+        thread.start()
+        try:
+            for _ in range(100):
+                row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                                   (writer_pid,)).fetchone()
+                if row == ("Lock",):
+                    break
+                time.sleep(0.05)
+            assert row == ("Lock",), row
+            assert not done.is_set()
+            applying.commit()
+        finally:
+            thread.join(timeout=30)
+        assert done.is_set()
+    assert members(conn, "two_deposits") == {profile_of(conn, "C-1")}

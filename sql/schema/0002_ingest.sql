@@ -169,9 +169,21 @@ BEGIN
 END
 $$;
 
--- Serialises work on profiles: transaction-scoped advisory locks in ascending id order.
+-- One lock over the whole book. Every writer of events, traits or identities holds it shared,
+-- first, before its identifier and profile locks; a backfill (segflow apply) holds it
+-- exclusively until it commits, so nothing slips between its evaluation and its commit. One
+-- lock rather than one per profile: a book of millions needs more than the lock table holds.
+CREATE FUNCTION segflow.lock_book(p_exclusive boolean DEFAULT false) RETURNS void
+LANGUAGE sql AS $$
+    SELECT CASE WHEN p_exclusive THEN pg_advisory_xact_lock(1936025956, -1)
+                ELSE pg_advisory_xact_lock_shared(1936025956, -1) END
+$$;
+
+-- Serialises work on profiles: transaction-scoped advisory locks in ascending id order
+-- (keys 0 and up; -1 is the book's).
 CREATE FUNCTION segflow.lock_profiles(p_profile_ids bigint[]) RETURNS void
 LANGUAGE sql AS $$
+    SELECT segflow.lock_book();
     SELECT max(pg_advisory_xact_lock(1936025956, (id % 2147483647)::integer)::text)::void
     FROM (SELECT DISTINCT id FROM unnest(p_profile_ids) id ORDER BY id) s
 $$;
@@ -231,6 +243,7 @@ DECLARE
     v_other bigint;
     v_mergeable boolean;
 BEGIN
+    PERFORM segflow.lock_book();
     -- Concurrent transactions with an identifier in common resolve one after the other.
     PERFORM count(pg_advisory_xact_lock(h))
     FROM (SELECT DISTINCT hashtextextended(k.key || chr(31) || k.value, 1936025956) h
@@ -356,8 +369,9 @@ BEGIN
     SELECT array_agg(DISTINCT u.pid ORDER BY u.pid) INTO v_fast
     FROM unnest(v_result) u(pid) WHERE u.pid IS NOT NULL;
 
-    -- Locks in one ascending round each, identifiers before profiles, as every statement
-    -- takes them: set by set, two statements could each hold what the other waits for.
+    -- Locks in one ascending round each, the book's, identifiers', then profiles', as every
+    -- statement takes them: set by set, two statements could each hold what the other waits for.
+    PERFORM segflow.lock_book();
     PERFORM count(pg_advisory_xact_lock(h))
     FROM (SELECT DISTINCT hashtextextended(k.kind || chr(31) || k.value, 1936025956) h
           FROM unnest(v_kinds, v_values) k(kind, value) ORDER BY 1) s;

@@ -465,9 +465,10 @@ $$;
 
 -- Evaluates one segment for profiles at their instants and records what changed.
 -- p_scheduled: a scheduled refresh, which keeps no per-profile schedule.
+-- p_book: every instant is the same, so the whole-book form (s<id>_book) evaluates them.
 CREATE FUNCTION segflow._apply(
     p_segment_id integer, p_profile_ids bigint[], p_ats timestamptz[], p_reason text,
-    p_scheduled boolean DEFAULT false
+    p_scheduled boolean DEFAULT false, p_book boolean DEFAULT false
 ) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -492,8 +493,9 @@ BEGIN
     -- Only the call of the compiled function is dynamic; the statement below is static,
     -- so PL/pgSQL plans it once per session instead of on every call.
     EXECUTE format('SELECT array_agg(e.profile_id), array_agg(e.at), array_agg(e.member), '
-                   'array_agg(e.next_at), array_agg(e.context) FROM segflow_compiled.%I($1, $2) e',
-                   's' || p_segment_id || '_eval')
+                   'array_agg(e.next_at), array_agg(e.context) FROM segflow_compiled.%I(%s) e',
+                   's' || p_segment_id || CASE WHEN p_book THEN '_book' ELSE '_eval' END,
+                   CASE WHEN p_book THEN '$1, $2[1]' ELSE '$1, $2' END)
     INTO v_profiles, v_ats, v_members, v_nexts, v_contexts
     USING p_profile_ids, p_ats;
 
@@ -703,8 +705,8 @@ BEGIN
 END
 $$;
 
--- Re-evaluates a segment over live profiles with ids above p_after (at most p_limit of them);
--- returns the last profile id handled, NULL when there were none. Used by apply (backfill,
+-- Re-evaluates a segment over live profiles with ids above p_after (at most p_limit of them,
+-- all with NULL); returns the last profile id handled, NULL when there were none. Used by apply (backfill,
 -- definition_changed) and scheduled refreshes, batch by batch.
 CREATE FUNCTION segflow.evaluate_batch(
     p_segment_id integer, p_after bigint, p_limit integer, p_at timestamptz, p_reason text
@@ -726,11 +728,15 @@ BEGIN
     SELECT mode = 'scheduled' INTO v_scheduled FROM segflow.segment_defs
     WHERE segment_id = p_segment_id;
     IF NOT v_scheduled THEN
-        PERFORM segflow.lock_profiles(v_profiles);
+        -- Holds off every writer until this apply commits (see lock_book).
+        PERFORM segflow.lock_book(true);
     END IF;
     PERFORM segflow._apply(p_segment_id, v_profiles,
                            array_fill(p_at, ARRAY[cardinality(v_profiles)]), p_reason,
-                           v_scheduled);
+                           v_scheduled,
+                           -- Segments compiled before the whole-book form have only s<id>_eval.
+                           to_regprocedure(format('segflow_compiled.%I(bigint[], timestamptz)',
+                                                  's' || p_segment_id || '_book')) IS NOT NULL);
     RETURN v_profiles[cardinality(v_profiles)];
 END
 $$;
@@ -786,12 +792,9 @@ BEGIN
             IF v_def.last_refresh_at IS NULL OR v_def.last_refresh_at < to_timestamp(
                    floor(extract(epoch FROM p_at) / extract(epoch FROM v_def.refresh))
                    * extract(epoch FROM v_def.refresh)) THEN
-                v_after := 0;
-                LOOP
-                    v_after := segflow.evaluate_batch(v_def.segment_id, v_after, 5000, p_at,
-                                                      'scheduled_refresh');
-                    EXIT WHEN v_after IS NULL;
-                END LOOP;
+                -- The whole book in one set-based pass (see evaluate_batch).
+                PERFORM segflow.evaluate_batch(v_def.segment_id, 0, NULL, p_at,
+                                               'scheduled_refresh');
                 UPDATE segflow.segment_defs SET last_refresh_at = p_at
                 WHERE segment_id = v_def.segment_id;
             END IF;
