@@ -12,7 +12,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from compiler.errors import DefinitionError
@@ -54,8 +61,9 @@ def apply_cmd(
 
     try:
         with connect(_url()) as conn, Progress(
+            # A segment's profiles are evaluated in one pass: the elapsed time shows it working.
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            console=console, transient=True,
+            TimeElapsedColumn(), console=console, transient=True,
         ) as bar:
             tasks: dict[str, TaskID] = {}
 
