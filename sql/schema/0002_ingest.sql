@@ -199,6 +199,10 @@ BEGIN
     IF p_survivor = p_absorbed THEN
         RETURN;
     END IF;
+    -- The events table before the book's lock, in the order of an INSERT (which opens the
+    -- table first) and of apply (SHARE on it, then the book exclusively): a merge called on
+    -- its own must not hold the book while waiting for the table.
+    LOCK TABLE ONLY segflow.events IN ROW EXCLUSIVE MODE;
     PERFORM segflow.lock_profiles(ARRAY[p_survivor, p_absorbed]);
     PERFORM segflow._before_events(ARRAY[p_survivor, p_absorbed], segflow.now());
     PERFORM set_config('segflow.internal', 'on', true);
