@@ -460,27 +460,22 @@ class _Builder:
         raise TypeError(f"unknown condition {cond!r}")
 
     def last_field(self, cond: LastFieldCond) -> str:
-        if self.book:
-            grouped = self.join(book_latest_sql(cond.filter, newer_than=cond.max_age))
-            return f"({grouped}.profile_id IS NOT NULL AND {self.last_field_ok(cond, grouped)})"
-        latest = latest_sql(cond.filter, newer_than=cond.max_age)
+        source = (self.join(book_latest_sql(cond.filter, newer_than=cond.max_age))
+                  if self.book else "l")
+        ok = comparison(field_value(cond.field, source), cond.comparison)
         nx = "NULL::timestamptz"
         if cond.max_age is not None:
-            nx = f"l.occurred_at + {interval(cond.max_age)}"
-        alias = self.add(f"SELECT {self.last_field_ok(cond, 'l')} AS ok, {nx} AS nx "
-                         f"FROM ({latest}) l")
+            # An event older than max_age decides nothing: the latest one is false too.
+            ok = f"({ok} AND i.at - {source}.occurred_at < {interval(cond.max_age)})"
+            nx = f"{source}.occurred_at + {interval(cond.max_age)}"
+        if self.book:
+            if cond.max_age is not None:
+                self.nexts.append(after(nx))
+            return f"({source}.profile_id IS NOT NULL AND {ok})"
+        latest = latest_sql(cond.filter, newer_than=cond.max_age)
+        alias = self.add(f"SELECT {ok} AS ok, {nx} AS nx FROM ({latest}) l")
         self.nexts.append(after(f"{alias}.nx"))
         return f"coalesce({alias}.ok, false)"
-
-    def last_field_ok(self, cond: LastFieldCond, alias: str) -> str:
-        """Whether the latest matching event ``alias`` passes (book form: also its next
-        change). An event older than max_age decides nothing: the latest one is false too."""
-        ok = comparison(field_value(cond.field, alias), cond.comparison)
-        if cond.max_age is not None:
-            ok = f"({ok} AND i.at - {alias}.occurred_at < {interval(cond.max_age)})"
-            if self.book:
-                self.nexts.append(after(f"{alias}.occurred_at + {interval(cond.max_age)}"))
-        return ok
 
     def last_age(self, cond: LastAgeCond) -> str:
         source = "l"

@@ -706,8 +706,8 @@ END
 $$;
 
 -- Re-evaluates a segment over live profiles with ids above p_after (at most p_limit of them,
--- all with NULL); returns the last profile id handled, NULL when there were none. Used by apply (backfill,
--- definition_changed) and scheduled refreshes, batch by batch.
+-- all with NULL) with its whole-book form; returns the last profile id handled, NULL when
+-- there were none. Used by apply (backfill, definition_changed) and scheduled refreshes.
 CREATE FUNCTION segflow.evaluate_batch(
     p_segment_id integer, p_after bigint, p_limit integer, p_at timestamptz, p_reason text
 ) RETURNS bigint
@@ -733,10 +733,7 @@ BEGIN
     END IF;
     PERFORM segflow._apply(p_segment_id, v_profiles,
                            array_fill(p_at, ARRAY[cardinality(v_profiles)]), p_reason,
-                           v_scheduled,
-                           -- Segments compiled before the whole-book form have only s<id>_eval.
-                           to_regprocedure(format('segflow_compiled.%I(bigint[], timestamptz)',
-                                                  's' || p_segment_id || '_book')) IS NOT NULL);
+                           v_scheduled, true);
     RETURN v_profiles[cardinality(v_profiles)];
 END
 $$;
@@ -779,7 +776,6 @@ DECLARE
     v_locked bigint[];
     v_profiles bigint[];
     v_ats timestamptz[];
-    v_after bigint;
     v_total integer := 0;
 BEGIN
     PERFORM segflow.maintain_partitions();
