@@ -196,9 +196,13 @@ def demo_cmd(
     url = _url()
     console.print(f"database: {url}")
     upgrade(url)
-    with connect(url) as conn:
-        plan = apply(conn, [EXAMPLES])
-    console.print(f"segments: {', '.join(plan.new + plan.changed + plan.unchanged)}")
+
+    def install() -> None:
+        # After the history: new segments are backfilled over it, scheduled ones included.
+        with connect(url) as conn:
+            plan = apply(conn, [EXAMPLES])
+        console.print(f"segments: {', '.join(plan.new + plan.changed + plan.unchanged)}")
+
     # The example destinations post to a local receiver that checks the signatures.
     os.environ.setdefault("SEGFLOW_ACCOUNT_REVIEW_SECRET", "demo-secret")
     os.environ.setdefault("SEGFLOW_ACQUISITION_ADS_SECRET", "demo-secret")
@@ -222,8 +226,8 @@ def demo_cmd(
     components.append(ThreadComponent("api", serve_api))
     console.print(f"API: http://127.0.0.1:{port}/docs  —  try in psql: "
                   "SELECT * FROM segments.margin_call_risk;")
-    run_demo(url, rate=rate, duration=duration, seed=seed, components=components,
-             console=console)
+    run_demo(url, rate=rate, duration=duration, seed=seed, install=install,
+             components=components, console=console)
     time.sleep(0.1)
 
 

@@ -377,6 +377,7 @@ def run_demo(
     seed: int = 0,
     profiles: int = 500,
     history: bool = True,
+    install: Callable[[], object] | None = None,
     components: Sequence[Component] = (),
     console: Console | None = None,
 ) -> DemoSummary:
@@ -385,8 +386,10 @@ def run_demo(
     ``rate`` is events per second of real time (``occurred_at`` follows the engine clock,
     ``segflow.now()``); ``duration`` in seconds of streaming, ``None`` runs until Ctrl-C.
     With ``history`` the existing clients' backdated past is loaded first (not counted in
-    ``events``). ``components`` are started before the stream and stopped after it, in
-    reverse order.
+    ``events``). ``install`` runs after the history, before the stream: segments installed
+    then are backfilled over the clients' past, as when segflow arrives on a platform with
+    data; scheduled ones would otherwise wait for their first refresh. ``components`` are
+    started before the stream and stopped after it, in reverse order.
     """
     if rate <= 0:
         raise ValueError("rate must be positive")
@@ -413,6 +416,8 @@ def run_demo(
         try:
             if history:
                 _load_history(conn, feed, summary, console)
+            if install is not None:
+                install()
             # The view shows what the stream causes, not the history's backfill.
             summary.last_transition_id = _last_transition_id(conn)
             for component in components:

@@ -402,11 +402,12 @@ def test_demo_streams_into_the_database(db_url: str, conn: psycopg.Connection[An
     from segflow.install import apply
     from segflow.paths import EXAMPLES_DIR
 
-    with connect(db_url) as own:
-        apply(own, [EXAMPLES_DIR / "segments"])
-    summary = run_demo(
-        db_url, rate=40.0, duration=3.0, seed=5, profiles=100, console=Console(quiet=True)
-    )
+    def install() -> None:
+        with connect(db_url) as own:
+            apply(own, [EXAMPLES_DIR / "segments"])
+
+    summary = run_demo(db_url, rate=40.0, duration=3.0, seed=5, profiles=100, install=install,
+                       console=Console(quiet=True))
     # Paced by the feed's clock: exactly the events of the first 3 s, about 40/s.
     assert summary.elapsed == 3.0 and 80 < summary.events < 160
     assert summary.history > 300
@@ -419,6 +420,11 @@ def test_demo_streams_into_the_database(db_url: str, conn: psycopg.Connection[An
     assert set(summary.segments) >= {"margin_call_risk", "funded", "engaged", "hot_lead"}
     funded = _count(conn, "SELECT member_count FROM segflow.segment_catalog WHERE name = 'funded'")
     assert summary.segments["funded"].members == funded > 30
+    # Installed after the history: the scheduled segment was backfilled over it too.
+    # (Tier changes in the stream wait for the hourly refresh.)
+    backfilled = _count(conn, "SELECT count(*) FROM segflow.transitions"
+                              " WHERE segment = 'gold_traders' AND reason = 'backfill'")
+    assert backfilled > 0 and summary.segments["gold_traders"].members > 0
     # Transitions are read back from the ledger, after the history's.
     assert len(summary.recent) == min(summary.transitions, summary.recent.maxlen or 0)
     ids = [t.transition_id for t in summary.recent]
