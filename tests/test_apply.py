@@ -133,6 +133,17 @@ def advisory_locks(conn: psycopg.Connection[Any]) -> int:
     return int(row[0])
 
 
+def wait_for_a_lock(conn: psycopg.Connection[Any], pid: int) -> None:
+    """Until the backend ``pid`` waits on a lock (5 s at most)."""
+    for _ in range(100):
+        row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                           (pid,)).fetchone()
+        if row == ("Lock",):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"backend {pid} is not waiting on a lock: {row}")
+
+
 def test_backfill_holds_one_lock_whatever_the_size_of_the_book(
     conn: psycopg.Connection[Any], tmp_path: Path
 ) -> None:
@@ -178,16 +189,55 @@ def test_events_written_during_a_backfill_count_once_it_commits(
         thread = threading.Thread(target=deposit)
         thread.start()
         try:
-            for _ in range(100):
-                row = conn.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                                   (writer_pid,)).fetchone()
-                if row == ("Lock",):
-                    break
-                time.sleep(0.05)
-            assert row == ("Lock",), row
+            wait_for_a_lock(conn, writer_pid)
             assert not done.is_set()
             applying.commit()
         finally:
             thread.join(timeout=30)
         assert done.is_set()
     assert members(conn, "two_deposits") == {profile_of(conn, "C-1")}
+
+
+def test_a_merge_waiting_on_a_backfill_does_not_deadlock_it(
+    db_url: str, conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    # apply takes the events table (building rollups), then the book exclusively; a merge
+    # that took the book first and then waited for the table would deadlock with it.
+    at(conn, "2026-12-03 10:00:00+00")
+    event(conn, "deposit", "2026-12-03 09:00:00+00", "C-1", amount=600, currency="USD")
+    event(conn, "deposit", "2026-12-03 09:30:00+00", "C-2", amount=600, currency="USD")
+    survivor, absorbed = profile_of(conn, "C-1"), profile_of(conn, "C-2")
+    folder = tmp_path / "defs"
+    write(folder, "big_depositor", {"name": "big_depositor", "rule": {
+        "events": "deposit", "within": "7d", "sum": {"field": "amount_usd", "gte": 1000}}})
+    with psycopg.connect(db_url, row_factory=dict_row) as applying, \
+            psycopg.connect(db_url) as merging:
+        at(applying, "2026-12-03 10:00:00+00")
+        at(merging, "2026-12-03 10:00:00+00")
+        applying.execute("LOCK TABLE segflow.events IN SHARE MODE")
+        merging_pid = merging.info.backend_pid
+        errors: list[BaseException] = []
+
+        def merge() -> None:
+            try:
+                merging.execute("SELECT segflow.merge_profiles(%s, %s)", (survivor, absorbed))
+                merging.commit()
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+
+        thread = threading.Thread(target=merge)
+        thread.start()
+        try:
+            wait_for_a_lock(conn, merging_pid)
+            # Longer than deadlock_timeout: a deadlock would be detected and one side fail.
+            apply(applying, [folder])
+            time.sleep(1.5)
+            applying.row_factory = tuple_row
+            assert members(applying, "big_depositor") == set()  # $600 each, not merged yet
+            applying.commit()
+        finally:
+            applying.rollback()  # after a failure: release the merge before joining it
+            thread.join(timeout=30)
+        assert not thread.is_alive() and not errors, errors
+    # The merge ran after the backfill committed, and the new segment saw it.
+    assert members(conn, "big_depositor") == {survivor}
