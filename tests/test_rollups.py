@@ -181,9 +181,11 @@ def rollups_snapshot(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     return [tuple(r) for r in conn.execute(
         "SELECT profile_id, rollup_id, level, bucket_start, n, total, lo, hi"
         " FROM segflow.event_rollups ORDER BY 1, 2, 3, 4").fetchall()] + [
+        # 1 and 1.0 are one value, kept as whichever a bucket saw first (or sorted first).
         tuple(r) for r in conn.execute(
-            "SELECT profile_id, rollup_id, level, bucket_start, value::text, n"
-            " FROM segflow.event_distinct_values ORDER BY 1, 2, 3, 4, 5").fetchall()]
+            "SELECT profile_id, rollup_id, level, bucket_start, CASE WHEN jsonb_typeof(value)"
+            " = 'number' THEN trim_scale((value #>> '{}')::numeric)::text ELSE value::text END,"
+            " n FROM segflow.event_distinct_values ORDER BY 1, 2, 3, 4, 5").fetchall()]
 
 
 def assert_rollups_match_events(conn: psycopg.Connection[Any]) -> None:
