@@ -412,18 +412,12 @@ class _Builder:
         )
 
     def condition(self, cond: Condition) -> str:
-        if isinstance(cond, AllCond):
-            return (
-                "(" + " AND ".join(self.condition(c) for c in cond.items) + ")"
-                if cond.items
-                else "true"
-            )
-        if isinstance(cond, AnyCond):
-            return (
-                "(" + " OR ".join(self.condition(c) for c in cond.items) + ")"
-                if cond.items
-                else "false"
-            )
+        if isinstance(cond, AllCond | AnyCond):
+            if not cond.items:
+                return "true" if isinstance(cond, AllCond) else "false"
+            if len(cond.items) == 1:
+                return self.condition(cond.items[0])
+            return self.combined(cond)
         if isinstance(cond, NotCond):
             return f"(NOT {self.condition(cond.item)})"
         if isinstance(cond, TraitCond):
@@ -458,6 +452,45 @@ class _Builder:
             self.nexts.append(f"{alias}.nx")
             return comparison(Value(f"{alias}.v", "numeric"), cond.comparison)
         raise TypeError(f"unknown condition {cond!r}")
+
+    def combined(self, cond: AllCond | AnyCond) -> str:
+        """``all`` / ``any`` of two or more conditions, with the next instant the combination
+        (not merely one of its parts) can change: a false ``all`` stays false until its last
+        false part can change, and never while a false part never changes (a trait, say), so
+        profiles that cannot enter get no schedule row; a true ``any`` likewise. Otherwise
+        the first change of any part."""
+        values: list[str] = []
+        nexts: list[str | None] = []
+        for item in cond.items:
+            start = len(self.nexts)
+            values.append(self.condition(item))
+            own = self.nexts[start:]
+            del self.nexts[start:]
+            nexts.append("least(" + ", ".join(own) + ")" if own else None)
+        if all(n is None for n in nexts):
+            op = " AND " if isinstance(cond, AllCond) else " OR "
+            return "(" + op.join(values) + ")"
+        columns = [f"coalesce({v}, false) AS b{k}" for k, v in enumerate(values)]
+        columns += [f"{n} AS n{k}" for k, n in enumerate(nexts) if n is not None]
+        alias = self.add("SELECT " + ", ".join(columns))
+        parts = [(f"{alias}.b{k}", f"{alias}.n{k}" if n is not None else None)
+                 for k, n in enumerate(nexts)]
+        # all: the deciding parts are the false ones; any: the true ones.
+        deciding = "NOT " if isinstance(cond, AllCond) else ""
+        op = " AND " if isinstance(cond, AllCond) else " OR "
+        value = "(" + op.join(b for b, _ in parts) + ")"
+        settled = " OR ".join(f"({deciding}{b} AND {n} IS NULL)" if n else f"{deciding}{b}"
+                              for b, n in parts)
+        latest = ", ".join(f"CASE WHEN {deciding}{b} THEN {n} END" for b, n in parts if n)
+        first = ", ".join(n for _, n in parts if n)
+        # Every deciding part must change before the answer does: the latest of their next
+        # instants (none when one of them never changes). Without deciding parts, any
+        # part's change can change the answer.
+        undecided = value if isinstance(cond, AllCond) else f"NOT {value}"
+        self.nexts.append(f"(CASE WHEN {undecided} THEN least({first}) "
+                          f"WHEN {settled} THEN NULL::timestamptz "
+                          f"ELSE greatest({latest}) END)")
+        return value
 
     def last_field(self, cond: LastFieldCond) -> str:
         source = (self.join(book_latest_sql(cond.filter, newer_than=cond.max_age))
