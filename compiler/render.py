@@ -467,8 +467,9 @@ class _Builder:
             own = self.nexts[start:]
             del self.nexts[start:]
             nexts.append("least(" + ", ".join(own) + ")" if own else None)
+        is_all = isinstance(cond, AllCond)
+        op = " AND " if is_all else " OR "
         if all(n is None for n in nexts):
-            op = " AND " if isinstance(cond, AllCond) else " OR "
             return "(" + op.join(values) + ")"
         columns = [f"coalesce({v}, false) AS b{k}" for k, v in enumerate(values)]
         columns += [f"{n} AS n{k}" for k, n in enumerate(nexts) if n is not None]
@@ -476,8 +477,7 @@ class _Builder:
         parts = [(f"{alias}.b{k}", f"{alias}.n{k}" if n is not None else None)
                  for k, n in enumerate(nexts)]
         # all: the deciding parts are the false ones; any: the true ones.
-        deciding = "NOT " if isinstance(cond, AllCond) else ""
-        op = " AND " if isinstance(cond, AllCond) else " OR "
+        deciding = "NOT " if is_all else ""
         value = "(" + op.join(b for b, _ in parts) + ")"
         settled = " OR ".join(f"({deciding}{b} AND {n} IS NULL)" if n else f"{deciding}{b}"
                               for b, n in parts)
@@ -486,7 +486,7 @@ class _Builder:
         # Every deciding part must change before the answer does: the latest of their next
         # instants (none when one of them never changes). Without deciding parts, any
         # part's change can change the answer.
-        undecided = value if isinstance(cond, AllCond) else f"NOT {value}"
+        undecided = value if is_all else f"NOT {value}"
         self.nexts.append(f"(CASE WHEN {undecided} THEN least({first}) "
                           f"WHEN {settled} THEN NULL::timestamptz "
                           f"ELSE greatest({latest}) END)")

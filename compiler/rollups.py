@@ -227,11 +227,14 @@ def _aggregate_into(source: str, rollups: Sequence[tuple[int, RollupSpec]],
                     only: str | None, upsert: bool) -> str:
     """INSERT statements adding the events of ``source`` (aliased e) to the buckets of the
     given rollups, one per table that has rollups of its kind; ``upsert`` merges them into
-    existing buckets. Rows go in primary-key order: a build inserts into the index
-    sequentially (a third faster than in hash order)."""
+    existing buckets. Builds and refreshes insert in primary-key order, sequentially into the
+    index (a third faster than in hash order); a statement's few new events need no sort."""
     levels = ", ".join(f"({lv.level}::smallint, {lv.width})" for lv in LEVELS)
     bucket = f"date_bin(lv.width, e.occurred_at, {EPOCH})"
     statements = []
+    def ordered(keys: str) -> str:
+        return "" if upsert else f" ORDER BY {keys}"
+
     numeric = [(i, r) for i, r in rollups if r.kind == NUMERIC]
     if numeric:
         conflict = (
@@ -249,7 +252,7 @@ def _aggregate_into(source: str, rollups: Sequence[tuple[int, RollupSpec]],
             f"CROSS JOIN LATERAL ({_branches(numeric, only)}) r "
             f"CROSS JOIN (VALUES {levels}) lv(level, width) "
             f"WHERE r.v IS NOT NULL "
-            f"GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4{conflict}")
+            f"GROUP BY 1, 2, 3, 4{ordered('1, 2, 3, 4')}{conflict}")
     distinct = [(i, r) for i, r in rollups if r.kind == DISTINCT]
     if distinct:
         conflict = (
@@ -264,7 +267,7 @@ def _aggregate_into(source: str, rollups: Sequence[tuple[int, RollupSpec]],
             f"CROSS JOIN LATERAL ({_branches(distinct, only)}) r "
             f"CROSS JOIN (VALUES {levels}) lv(level, width) "
             f"WHERE r.v IS NOT NULL "
-            f"GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5{conflict}")
+            f"GROUP BY 1, 2, 3, 4, 5{ordered('1, 2, 3, 4, 5')}{conflict}")
     return ";\n".join(statements)
 
 
